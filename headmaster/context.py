@@ -1,0 +1,37 @@
+"""What every command needs: the workspace, its database and the embedding options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from headmaster.store import Store
+from headmaster.workspace import Workspace
+
+
+@dataclass
+class EmbedOptions:
+    device: str | None = None  # None: cuda, then mps, then cpu
+    batch_size: int | None = None  # None: chosen for the device
+    workers: int | None = None  # None: one decode thread per core, at most 8
+    progress: bool | None = None  # None: a bar only when stderr is a terminal
+
+
+@dataclass
+class Context:
+    workspace: Workspace
+    store: Store
+    options: EmbedOptions
+
+    @classmethod
+    def open(cls, workspace: str | None = None, options: EmbedOptions | None = None) -> "Context":
+        ws = Workspace.from_env(workspace)
+        return cls(ws, Store(ws.db_path), options or EmbedOptions())
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "Context":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

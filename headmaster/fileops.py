@@ -1,0 +1,121 @@
+"""Safe file placement: never overwrite, never delete a source before its copy is durable.
+
+One place decides destination names (`unique_path`); every copy and move in
+headmaster goes through `copy_into` or `move_into`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+TEMP_PREFIX = ".hm-tmp-"  # hidden, so scans ignore it; cleaned by `remove_stale_temps`
+
+
+def unique_path(folder: Path, name: str) -> Path:
+    """`folder/name` if free, else `stem_1.ext`, `stem_2.ext`, ... (the first free one)."""
+    candidate = folder / name
+    stem, suffix = os.path.splitext(name)
+    n = 0
+    while os.path.lexists(candidate):
+        n += 1
+        candidate = folder / f"{stem}_{n}{suffix}"
+    return candidate
+
+
+def fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory
+    finally:
+        os.close(fd)
+
+
+def _link_unique(existing: Path, folder: Path, name: str) -> Path:
+    """Hard-link `existing` under a free name in `folder`; link() never replaces, so races cannot clobber."""
+    while True:
+        target = unique_path(folder, name)
+        try:
+            os.link(existing, target)
+            return target
+        except FileExistsError:
+            continue
+
+
+def _claim_unique(tmp: Path, folder: Path, name: str) -> Path:
+    """Give `tmp` a free final name without ever replacing another file."""
+    try:
+        target = _link_unique(tmp, folder, name)
+        tmp.unlink()
+        return target
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+    while True:  # no hard links here: reserve the name exclusively, then rename over our own reservation
+        target = unique_path(folder, name)
+        try:
+            os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            continue
+        os.replace(tmp, target)
+        return target
+
+
+def copy_into(src: Path, folder: Path, name: str | None = None) -> Path:
+    """Copy `src` into `folder` (content fsynced before it gets its final name); returns the new path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+    try:
+        with open(src, "rb") as fin, open(tmp, "xb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+            fout.flush()
+            os.fsync(fout.fileno())
+        shutil.copystat(src, tmp)
+        target = _claim_unique(tmp, folder, name or Path(src).name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(folder)
+    return target
+
+
+def move_into(src: Path, folder: Path, name: str | None = None) -> Path:
+    """Move `src` into `folder` under a free name; returns the new path.
+
+    Same filesystem: hard link, fsync the folder, then unlink the source. Across
+    filesystems: copy (fsynced), then unlink the source. At any instant the
+    file exists at least once; the source is only removed once the copy is durable.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    name = name or Path(src).name
+    try:
+        target = _link_unique(Path(src), folder, name)
+        fsync_dir(folder)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        target = copy_into(Path(src), folder, name)
+    os.unlink(src)
+    fsync_dir(Path(src).parent)
+    return target
+
+
+def remove_stale_temps(root: Path) -> int:
+    """Delete our own leftover temp files (never a user's file) below `root`; returns how many."""
+    count = 0
+    if not root.is_dir():
+        return 0
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            if f.startswith(TEMP_PREFIX):
+                Path(dirpath, f).unlink(missing_ok=True)
+                count += 1
+    return count

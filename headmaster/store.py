@@ -1,0 +1,238 @@
+"""headmaster.db: the model registry, the embedding cache, the file index and the sort log.
+
+SQLite used plainly. WAL mode and a busy timeout let the daemon and the CLI share
+one database; every write is a short transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from headmaster.errors import HeadmasterError
+
+BUSY_TIMEOUT_MS = 30_000
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS models (
+    id INTEGER PRIMARY KEY,
+    name TEXT UNIQUE NOT NULL,
+    path TEXT NOT NULL,
+    embed_dim INTEGER NOT NULL,
+    active INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS embeddings (
+    hash TEXT NOT NULL,
+    model_id INTEGER NOT NULL REFERENCES models(id),
+    vector BLOB NOT NULL,
+    PRIMARY KEY (hash, model_id)
+);
+-- stat signature -> content hash, so unchanged files are never read twice
+CREATE TABLE IF NOT EXISTS files (
+    path TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    inode INTEGER NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS files_hash ON files(hash);
+-- one row per file that headmaster sorted (CLI classify or the daemon)
+CREATE TABLE IF NOT EXISTS sorts (
+    id INTEGER PRIMARY KEY,
+    at TEXT NOT NULL,
+    head TEXT NOT NULL,
+    source TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    hash TEXT,
+    bucket TEXT NOT NULL,
+    score REAL
+);
+CREATE INDEX IF NOT EXISTS sorts_destination ON sorts(destination);
+"""
+
+
+@dataclass(frozen=True)
+class Model:
+    id: int
+    name: str
+    path: str
+    embed_dim: int
+    active: bool
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    path: str
+    size: int
+    mtime_ns: int
+    inode: int
+    hash: str
+
+
+def vector_to_blob(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype="<f4").tobytes()
+
+
+def blob_to_vector(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, dtype="<f4").copy()
+
+
+def chunks(items: list, size: int = 500) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+class Store:
+    """A connection to headmaster.db. Cheap to open; safe beside another process."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                    check_same_thread=False)
+        self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute("PRAGMA synchronous = NORMAL")
+        self.conn.execute("PRAGMA foreign_keys = ON")
+        self.conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _write(self, sql: str, rows: Iterable[tuple] | None = None) -> None:
+        with self.conn:  # one short transaction
+            self.conn.execute("BEGIN IMMEDIATE")
+            if rows is None:
+                self.conn.execute(sql)
+            else:
+                self.conn.executemany(sql, rows)
+
+    # -- models ---------------------------------------------------------------
+    def models(self) -> list[Model]:
+        rows = self.conn.execute("SELECT id, name, path, embed_dim, active FROM models ORDER BY name").fetchall()
+        return [Model(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+
+    def model(self, name: str) -> Model:
+        for m in self.models():
+            if m.name == name:
+                return m
+        known = ", ".join(m.name for m in self.models()) or "none registered"
+        raise HeadmasterError(f"unknown model '{name}' (models: {known})")
+
+    def active_model(self) -> Model:
+        for m in self.models():
+            if m.active:
+                return m
+        if self.models():
+            raise HeadmasterError("no active model: run `hm model-activate --name NAME`")
+        raise HeadmasterError("no model registered: run `hm model-add --name NAME --path HF_ID_OR_FOLDER --dim DIM`")
+
+    def add_model(self, name: str, path: str, embed_dim: int) -> Model:
+        if not name.strip():
+            raise HeadmasterError("model name must not be empty")
+        if embed_dim <= 0:
+            raise HeadmasterError(f"--dim must be a positive integer, got {embed_dim}")
+        if any(m.name == name for m in self.models()):
+            raise HeadmasterError(f"model '{name}' is already registered")
+        first = not self.models()
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute("INSERT INTO models (name, path, embed_dim, active) VALUES (?, ?, ?, ?)",
+                              (name, path, embed_dim, 1 if first else 0))
+        return self.model(name)
+
+    def activate_model(self, name: str) -> Model:
+        model = self.model(name)
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute("UPDATE models SET active = CASE WHEN id = ? THEN 1 ELSE 0 END", (model.id,))
+        return self.model(name)
+
+    def remove_model(self, name: str) -> int:
+        """Delete the model and its cached embeddings; return how many embeddings went."""
+        model = self.model(name)
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            n = self.conn.execute("DELETE FROM embeddings WHERE model_id = ?", (model.id,)).rowcount
+            self.conn.execute("DELETE FROM models WHERE id = ?", (model.id,))
+        return n
+
+    # -- embeddings -----------------------------------------------------------
+    def cached_hashes(self, model_id: int, hashes: Iterable[str]) -> set[str]:
+        found: set[str] = set()
+        for part in chunks(sorted(set(hashes))):
+            marks = ",".join("?" * len(part))
+            rows = self.conn.execute(
+                f"SELECT hash FROM embeddings WHERE model_id = ? AND hash IN ({marks})", (model_id, *part))
+            found.update(r[0] for r in rows)
+        return found
+
+    def vectors(self, model_id: int, hashes: Iterable[str]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for part in chunks(sorted(set(hashes))):
+            marks = ",".join("?" * len(part))
+            rows = self.conn.execute(
+                f"SELECT hash, vector FROM embeddings WHERE model_id = ? AND hash IN ({marks})", (model_id, *part))
+            out.update((h, blob_to_vector(v)) for h, v in rows)
+        return out
+
+    def put_vectors(self, model_id: int, items: Iterable[tuple[str, np.ndarray]]) -> None:
+        self._write("INSERT OR REPLACE INTO embeddings (hash, model_id, vector) VALUES (?, ?, ?)",
+                    [(h, model_id, vector_to_blob(v)) for h, v in items])
+
+    def embedding_count(self, model_id: int | None = None) -> int:
+        if model_id is None:
+            return self.conn.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]
+        return self.conn.execute("SELECT COUNT(*) FROM embeddings WHERE model_id = ?", (model_id,)).fetchone()[0]
+
+    # -- file index -----------------------------------------------------------
+    def file_records(self, paths: Iterable[str]) -> dict[str, FileRecord]:
+        out: dict[str, FileRecord] = {}
+        for part in chunks(list(paths)):
+            marks = ",".join("?" * len(part))
+            rows = self.conn.execute(
+                f"SELECT path, size, mtime_ns, inode, hash FROM files WHERE path IN ({marks})", part)
+            out.update((r[0], FileRecord(*r)) for r in rows)
+        return out
+
+    def files_under(self, prefix: str) -> list[FileRecord]:
+        """Every indexed file whose path starts with `prefix` (a folder path with trailing /)."""
+        rows = self.conn.execute(
+            "SELECT path, size, mtime_ns, inode, hash FROM files WHERE path >= ? AND path < ?",
+            (prefix, prefix + "\U0010ffff"))
+        return [FileRecord(*r) for r in rows]
+
+    def put_file_records(self, records: Iterable[FileRecord]) -> None:
+        self._write("INSERT OR REPLACE INTO files (path, size, mtime_ns, inode, hash) VALUES (?, ?, ?, ?, ?)",
+                    [(r.path, r.size, r.mtime_ns, r.inode, r.hash) for r in records])
+
+    def forget_files(self, paths: Iterable[str]) -> None:
+        self._write("DELETE FROM files WHERE path = ?", [(p,) for p in paths])
+
+    # -- sort log -------------------------------------------------------------
+    def log_sort(self, head: str, source: str, destination: str, hash_: str | None, bucket: str,
+                 score: float | None) -> None:
+        at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self._write("INSERT INTO sorts (at, head, source, destination, hash, bucket, score) VALUES (?,?,?,?,?,?,?)",
+                    [(at, head, source, destination, hash_, bucket, score)])
+
+    def sorts(self, head: str | None = None, limit: int = 100) -> list[sqlite3.Row]:
+        self.conn.row_factory = sqlite3.Row
+        try:
+            if head is None:
+                return self.conn.execute("SELECT * FROM sorts ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+            return self.conn.execute("SELECT * FROM sorts WHERE head = ? ORDER BY id DESC LIMIT ?",
+                                     (head, limit)).fetchall()
+        finally:
+            self.conn.row_factory = None

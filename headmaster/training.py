@@ -1,0 +1,141 @@
+"""Embedding and training over the workspace: heads/ folders in, checkpoints in out/ out."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from headmaster.context import Context
+from headmaster.errors import HeadmasterError
+from headmaster.heads import TrainConfig, save_checkpoint, train_head
+from headmaster.pipeline import EmbedResult, Skipped, embed_paths, vectors_for
+from headmaster.store import Model
+from headmaster.workspace import LabelledSet
+
+
+@dataclass(frozen=True)
+class LabelConflict:
+    """The same content filed under two or more buckets of one head."""
+
+    head: str
+    hash: str
+    files: tuple[Path, ...]
+    buckets: tuple[str, ...]
+
+    def describe(self, root: Path) -> str:
+        names = ", ".join(_rel(f, root) for f in self.files)
+        return f"head '{self.head}': identical image in buckets {' and '.join(self.buckets)}: {names}"
+
+
+@dataclass
+class EmbedReport:
+    model: Model
+    result: EmbedResult
+    heads: list[str]
+    warnings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    conflicts: list[LabelConflict] = field(default_factory=list)
+    ignored: int = 0
+
+
+@dataclass
+class TrainReport:
+    head: str
+    head_type: str
+    classes: list[str]
+    images: int
+    train_count: int
+    val_count: int
+    checkpoint_path: Path
+    metrics: dict
+    threshold: float | None
+    warnings: list[str] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    conflicts: list[LabelConflict] = field(default_factory=list)
+    embed: EmbedResult | None = None
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def find_conflicts(labelled: LabelledSet, hashes: dict[Path, str]) -> list[LabelConflict]:
+    by_hash: dict[str, list[tuple[Path, str]]] = defaultdict(list)
+    for path, bucket in labelled.labelled_images():
+        if path in hashes:
+            by_hash[hashes[path]].append((path, bucket))
+    conflicts = []
+    for h, items in by_hash.items():
+        buckets = sorted({b for _, b in items})
+        if len(buckets) > 1:
+            conflicts.append(LabelConflict(labelled.name, h, tuple(p for p, _ in items), tuple(buckets)))
+    return conflicts
+
+
+def head_names(ctx: Context, head: str | None) -> list[str]:
+    if head is not None:
+        ctx.workspace.head(head)  # raises for an unknown head
+        return [head]
+    names = ctx.workspace.head_names()
+    if not names:
+        raise HeadmasterError(f"no heads in {ctx.workspace.heads_dir}: make one with mkdir -p "
+                              f"{ctx.workspace.heads_dir}/NAME/{{positive,negative}} and add images")
+    return names
+
+
+def embed_heads(ctx: Context, head: str | None = None, label: str = "Embedding") -> EmbedReport:
+    """Embed every image of one head, or of all heads, with the active model."""
+    model = ctx.store.active_model()
+    names = head_names(ctx, head)
+    sets = [ctx.workspace.head(n) for n in names]
+    paths = [p for s in sets for p, _ in s.labelled_images()]
+    o = ctx.options
+    result = embed_paths(ctx.store, model, paths, device=o.device, batch_size=o.batch_size, workers=o.workers,
+                         progress=o.progress, label=label)
+    report = EmbedReport(model, result, names, ignored=sum(s.ignored for s in sets))
+    for s in sets:
+        errors, warnings = s.problems()
+        report.errors.extend(errors)
+        report.warnings.extend(warnings)
+        report.conflicts.extend(find_conflicts(s, result.hashes))
+    return report
+
+
+def train_one(ctx: Context, head: str, config: TrainConfig = TrainConfig()) -> TrainReport:
+    """Embed what is missing, train the head and write out/<head>.pt (atomically)."""
+    model = ctx.store.active_model()
+    labelled = ctx.workspace.head(head)
+    warnings = labelled.check()
+    o = ctx.options
+    result = embed_paths(ctx.store, model, [p for p, _ in labelled.labelled_images()], device=o.device,
+                         batch_size=o.batch_size, workers=o.workers, progress=o.progress, label=f"Embedding {head}")
+    vectors = vectors_for(ctx.store, model, result.hashes)
+    classes = labelled.classes
+    rows, labels, sources = [], [], {c: [] for c in classes}
+    for path, bucket in labelled.labelled_images():
+        if path in vectors:
+            rows.append(vectors[path])
+            labels.append(classes.index(bucket))
+            sources[bucket].append(_rel(path, ctx.workspace.heads_dir))
+    empty = [c for c in classes if not sources[c]]
+    if empty:
+        raise HeadmasterError(f"head '{head}': no usable images left in bucket(s) {', '.join(empty)} "
+                              f"({len(result.skipped)} files could not be read)")
+    matrix = np.stack(rows)
+    if matrix.shape[1] != model.embed_dim:
+        raise HeadmasterError(f"cached vectors have {matrix.shape[1]} dimensions, model '{model.name}' "
+                              f"is registered with {model.embed_dim}")
+    outcome = train_head(head, classes, matrix, np.array(labels), sources, model.name, config)
+    path = ctx.workspace.checkpoint_path(head)
+    save_checkpoint(outcome.checkpoint, path)
+    if outcome.val_on_train:
+        warnings.append(f"head '{head}': too few images for a validation split; metrics are on training data")
+    return TrainReport(head, outcome.checkpoint["type"], classes, len(rows), outcome.train_count, outcome.val_count,
+                       path, outcome.checkpoint["metadata"]["metrics"], outcome.checkpoint.get("threshold"),
+                       warnings, result.skipped, find_conflicts(labelled, result.hashes), result)

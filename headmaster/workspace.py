@@ -1,0 +1,160 @@
+"""The workspace: folders that define heads, buckets and test sets.
+
+The directory structure is the whole configuration: `heads/<head>/<bucket>/`
+holds labelled images, `test/<head>/<bucket>/` an optional test set.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from headmaster.errors import HeadmasterError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+MIN_BUCKET_IMAGES = 20  # below this a bucket gets a warning, not an error
+DEFAULT_WORKSPACE = "workspace"
+
+
+def is_image_name(path: Path | str) -> bool:
+    """True for a visible file whose extension is an image extension (any case)."""
+    name = os.path.basename(path)
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @classmethod
+    def from_env(cls, root: str | os.PathLike | None = None) -> "Workspace":
+        """`root`, else $HEADMASTER_WORKSPACE, else ./workspace."""
+        chosen = root or os.environ.get("HEADMASTER_WORKSPACE") or DEFAULT_WORKSPACE
+        return cls(Path(chosen).expanduser().absolute())
+
+    @property
+    def heads_dir(self) -> Path:
+        return self.root / "heads"
+
+    @property
+    def test_dir(self) -> Path:
+        return self.root / "test"
+
+    @property
+    def out_dir(self) -> Path:
+        return self.root / "out"
+
+    @property
+    def classified_dir(self) -> Path:
+        return self.root / "classified"
+
+    @property
+    def db_path(self) -> Path:
+        return self.root / "headmaster.db"
+
+    def checkpoint_path(self, head: str) -> Path:
+        return self.out_dir / f"{head}.pt"
+
+    def head_names(self) -> list[str]:
+        """Every visible folder under heads/, sorted."""
+        if not self.heads_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.heads_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def head(self, name: str) -> "LabelledSet":
+        """Scan heads/<name>/; a missing head is a HeadmasterError naming the ones that exist."""
+        path = self.heads_dir / name
+        if not name or "/" in name or name.startswith(".") or not path.is_dir():
+            known = ", ".join(self.head_names()) or "none"
+            raise HeadmasterError(f"unknown head '{name}' (no folder {path}); heads: {known}")
+        return scan_labelled_set(name, path)
+
+    def test_set(self, name: str, test_dir: Path | None = None) -> "LabelledSet":
+        """Scan the test set of a head: `test_dir` or test/<name>/."""
+        path = Path(test_dir) if test_dir else self.test_dir / name
+        if not path.is_dir():
+            raise HeadmasterError(f"test directory not found: {path}")
+        return scan_labelled_set(name, path)
+
+
+@dataclass
+class Bucket:
+    name: str
+    path: Path
+    images: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class LabelledSet:
+    """A folder of bucket folders: a head's training examples, or its test set."""
+
+    name: str
+    path: Path
+    buckets: list[Bucket]
+    ignored: int = 0  # hidden and non-image files, and stray subfolders
+
+    @property
+    def classes(self) -> list[str]:
+        return [b.name for b in self.buckets]  # already sorted
+
+    @property
+    def head_type(self) -> str:
+        return "binary" if len(self.buckets) == 2 else "multiclass"
+
+    @property
+    def image_count(self) -> int:
+        return sum(len(b.images) for b in self.buckets)
+
+    def labelled_images(self) -> list[tuple[Path, str]]:
+        return [(img, b.name) for b in self.buckets for img in b.images]
+
+    def problems(self) -> tuple[list[str], list[str]]:
+        """(errors, warnings) as the spec defines them."""
+        errors: list[str] = []
+        warnings: list[str] = []
+        if len(self.buckets) < 2:
+            errors.append(f"head '{self.name}' needs at least 2 buckets, found {len(self.buckets)} in {self.path}")
+        for b in self.buckets:
+            if not b.images:
+                errors.append(f"bucket '{b.name}' of head '{self.name}' has no images")
+            elif len(b.images) < MIN_BUCKET_IMAGES:
+                warnings.append(
+                    f"bucket '{b.name}' of head '{self.name}' has only {len(b.images)} images "
+                    f"(at least {MIN_BUCKET_IMAGES} recommended)"
+                )
+        return errors, warnings
+
+    def check(self) -> list[str]:
+        """Raise on the first error; return the warnings."""
+        errors, warnings = self.problems()
+        if errors:
+            raise HeadmasterError("; ".join(errors))
+        return warnings
+
+
+def list_images(folder: Path) -> tuple[list[Path], int]:
+    """Images directly inside `folder` (sorted) and the count of other entries ignored."""
+    images: list[Path] = []
+    ignored = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_file() and is_image_name(entry.name):
+                images.append(Path(entry.path))
+            else:
+                ignored += 1
+    images.sort()
+    return images, ignored
+
+
+def scan_labelled_set(name: str, path: Path) -> LabelledSet:
+    buckets: list[Bucket] = []
+    ignored = 0
+    for entry in sorted(path.iterdir()):
+        if entry.is_dir() and not entry.name.startswith("."):
+            images, skipped = list_images(entry)
+            buckets.append(Bucket(entry.name, entry, images))
+            ignored += skipped
+        else:
+            ignored += 1
+    return LabelledSet(name, path, buckets, ignored)

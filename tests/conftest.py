@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import build_clip, build_dinov2, build_siglip, fill_bucket  # noqa: E402
+
+from headmaster.context import Context, EmbedOptions  # noqa: E402
+from headmaster.registry import add_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def clip_path(models_dir) -> Path:
+    return build_clip(models_dir / "tiny-clip")
+
+
+@pytest.fixture(scope="session")
+def siglip_path(models_dir) -> Path:
+    return build_siglip(models_dir / "tiny-siglip")
+
+
+@pytest.fixture(scope="session")
+def dinov2_path(models_dir) -> Path:
+    return build_dinov2(models_dir / "tiny-dinov2")
+
+
+@pytest.fixture
+def workspace(tmp_path) -> Path:
+    ws = tmp_path / "workspace"
+    (ws / "heads").mkdir(parents=True)
+    return ws
+
+
+@pytest.fixture
+def ctx(workspace):
+    with Context.open(str(workspace), EmbedOptions(device="cpu", progress=False)) as c:
+        yield c
+
+
+@pytest.fixture
+def colour_head(workspace) -> Path:
+    """heads/colour/{blue,red}/ with 24 images each."""
+    head = workspace / "heads" / "colour"
+    fill_bucket(head / "red", "red", 24, 0)
+    fill_bucket(head / "blue", "blue", 24, 100)
+    return head
+
+
+@pytest.fixture
+def clip_ctx(ctx, clip_path):
+    add_model(ctx.store, "tiny-clip", str(clip_path), 24)
+    return ctx
