@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -142,6 +144,7 @@ def model_remove(obj, name: str) -> None:
 @user_errors
 def embed(obj, head, device, batch_size, workers) -> None:
     """Compute embeddings for all images with the active model (cached ones are skipped)."""
+    started = time.perf_counter()
     with _context(obj, device, batch_size, workers) as c:
         report = embed_heads(c, head)
         _print_skipped(report.result.skipped, c.workspace.root)
@@ -153,6 +156,9 @@ def embed(obj, head, device, batch_size, workers) -> None:
             _warn(e + " (train will refuse this head)")
         click.echo(report.result.summary(report.model.name)
                    + (f"; ignored {report.ignored} non-image or hidden files" if report.ignored else ""))
+    if os.environ.get("HEADMASTER_TIMINGS") == "1":  # for bench/embed.py: one JSON line on stderr
+        timings = dict(report.result.timings(), command_seconds=time.perf_counter() - started)
+        click.echo("timings " + json.dumps(timings), err=True)
 
 
 @cli.command()

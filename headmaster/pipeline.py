@@ -46,6 +46,18 @@ class EmbedResult:
     hashed: int = 0  # files read and hashed (new or changed since last seen)
     seconds: float = 0.0
     embed_seconds: float = 0.0  # decode + forward time for the `embedded` images
+    load_seconds: float = 0.0  # loading the model (0 when nothing needed embedding or it was loaded already)
+    batch_size: int = 0  # what the forward pass used (0: no forward pass)
+    workers: int = 0  # decode workers used
+
+    def timings(self) -> dict:
+        """Machine-readable numbers for benchmarks (`HEADMASTER_TIMINGS=1 hm embed`)."""
+        import torch
+
+        return {"embedded": self.embedded, "cached": self.cached, "skipped": len(self.skipped),
+                "hashed": self.hashed, "seconds": self.seconds, "embed_seconds": self.embed_seconds,
+                "load_seconds": self.load_seconds, "images_per_second": self.images_per_second,
+                "batch_size": self.batch_size, "workers": self.workers, "torch_threads": torch.get_num_threads()}
 
     @property
     def images_per_second(self) -> float:
@@ -181,9 +193,11 @@ def embed_paths(
             todo.setdefault(h, p)
     bad: dict[str, str] = {}  # hash -> why it cannot be embedded
     if todo:
+        t_load = time.perf_counter()
         embedder = embedder or get_embedder(model.name, model.path, model.embed_dim, device)
         batch_size = batch_size or default_batch_size(embedder)
         t0 = time.perf_counter()
+        result.load_seconds, result.batch_size, result.workers = t0 - t_load, batch_size, workers
         bar = tqdm(total=len(todo), desc=label, unit="img", disable=not progress_enabled(progress),
                    dynamic_ncols=True, smoothing=0.1)
         batch: list[tuple[str, np.ndarray]] = []
