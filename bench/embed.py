@@ -171,8 +171,10 @@ def run_hm_embed(workspace: Path, extra: list[str]) -> HmRun:
     lines = [ln for ln in stderr.splitlines() if ln.startswith("timings ")]
     if not lines:
         raise SystemExit(f"hm embed printed no timings line:\n{stderr}")
-    rss_kib = usage.ru_maxrss  # Linux: KiB
-    return HmRun(wall, rss_kib / 1024, json.loads(lines[-1][len("timings "):]), stdout.strip())
+    timings = json.loads(lines[-1][len("timings "):])
+    # ru_maxrss of a child forked from this process counts this process's memory too: prefer its own VmHWM
+    rss = timings.get("peak_rss_mib") or usage.ru_maxrss / 1024
+    return HmRun(wall, rss, timings, stdout.strip())
 
 
 def new_workspace(root: Path, model_path: Path, dim: int) -> Path:

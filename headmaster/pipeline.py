@@ -11,8 +11,10 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import numpy as np
 from tqdm import tqdm
 
-from headmaster.embedders import Embedder, get_embedder
+from headmaster.embedders import Embedder, get_embedder, pick_device
 from headmaster.images import ImageError, file_sha256, load_image
 from headmaster.store import FileRecord, Model, Store
 
@@ -57,19 +59,30 @@ class EmbedResult:
         return {"embedded": self.embedded, "cached": self.cached, "skipped": len(self.skipped),
                 "hashed": self.hashed, "seconds": self.seconds, "embed_seconds": self.embed_seconds,
                 "load_seconds": self.load_seconds, "images_per_second": self.images_per_second,
-                "batch_size": self.batch_size, "workers": self.workers, "torch_threads": torch.get_num_threads()}
+                "batch_size": self.batch_size, "workers": self.workers, "torch_threads": torch.get_num_threads(),
+                "peak_rss_mib": peak_rss_mib()}
 
     @property
     def images_per_second(self) -> float:
         return self.embedded / self.embed_seconds if self.embed_seconds > 0 else 0.0
 
     def summary(self, model_name: str) -> str:
-        parts = [f"{self.cached} cached"]
-        if self.skipped:
-            parts.append(f"{len(self.skipped)} skipped")
+        """One line: embedded, cached, skipped, and the embedding rate when anything was embedded."""
         rate = f", {self.images_per_second:.1f} img/s" if self.embedded else ""
-        return (f"Embedded {self.embedded} images with {model_name} ({', '.join(parts)}) "
-                f"in {self.seconds:.1f}s{rate}")
+        return (f"Embedded {self.embedded} images with {model_name} ({self.cached} cached, "
+                f"{len(self.skipped)} skipped) in {self.seconds:.1f}s{rate}")
+
+
+def peak_rss_mib() -> float | None:
+    """This process's resident-memory high-water mark (Linux VmHWM; getrusage would include the parent's)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def default_workers() -> int:
@@ -85,24 +98,90 @@ def progress_enabled(requested: bool | None) -> bool:
     return sys.stderr.isatty() if requested is None else requested
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, depth: int) -> Iterator[tuple[T, R]]:
-    """Like executor.map, but at most `depth` items in flight: memory stays flat."""
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hm-decode") as pool:
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, depth: int,
+                initializer: Callable[[], None] | None = None, name: str = "hm-decode") -> Iterator[tuple[T, R]]:
+    """Like executor.map, but at most `depth` items in flight: memory stays flat.
+
+    `items` is consumed lazily, one item per result handed out, so it may itself be a stream.
+    """
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name, initializer=initializer) as pool:
         source = iter(items)
-        pending = deque((item, pool.submit(fn, item)) for item in itertools.islice(source, depth))
+        pending = deque((item, pool.submit(fn, item)) for item in itertools.islice(source, max(1, depth)))
         while pending:
             item, future = pending.popleft()
-            for nxt in itertools.islice(source, 1):
-                pending.append((nxt, pool.submit(fn, nxt)))
             yield item, future.result()
+            for nxt in itertools.islice(source, 1):  # refill once the consumer is done with the last one
+                pending.append((nxt, pool.submit(fn, nxt)))
 
 
-def _stat_signature(path: Path) -> tuple[int, int, int] | None:
+Signature = tuple[int, int, int]
+
+
+@dataclass
+class Scan:
+    """Paths sorted by what the file index knows about them, without reading any file."""
+
+    known: dict[Path, str]  # unchanged since last seen: path -> content hash
+    to_read: list[tuple[Path, Signature]]  # new or changed: must be read and hashed
+    skipped: list[Skipped]
+    keys: dict[Path, str]  # path -> its key in the file index (absolute path)
+
+
+def index_key(path: Path) -> str:
+    """A path's key in the file index: the absolute path, not resolved (as `Path.absolute` gives it)."""
+    return str(path) if path.is_absolute() else str(path.absolute())
+
+
+def scan_paths(store: Store, paths: list[Path]) -> Scan:
+    """Stat every path and look all of them up in the file index in bulk (this is all a re-run costs)."""
+    keys = {p: index_key(p) for p in paths}
+    records = store.file_signatures(keys.values())
+    scan = Scan({}, [], [], keys)
+    known, to_read = scan.known, scan.to_read
+    for p, key in keys.items():
+        try:
+            st = os.stat(key)
+        except OSError:
+            scan.skipped.append(Skipped(p, "file vanished"))
+            continue
+        sig = (st.st_size, st.st_mtime_ns, st.st_ino)
+        rec = records.get(key)
+        if rec is not None and rec[:3] == sig:
+            known[p] = rec[3]
+        else:
+            to_read.append((p, sig))
+    return scan
+
+
+def stream_hashes(store: Store, scan: Scan, workers: int, depth: int = 64, turns: "Turns | None" = None
+                  ) -> Iterator[tuple[Path, str | Skipped]]:
+    """Hash the new and changed files in worker threads (streamed in chunks), a bounded window ahead.
+
+    Yields (path, hash) or (path, Skipped) in order; the file index is updated every 500 files and at the end.
+    """
+    turns = turns or Turns(False)
+
+    def read_hash(item: tuple[Path, Signature]) -> str | OSError:
+        with turns.working():
+            try:
+                return file_sha256(item[0])
+            except OSError as e:
+                return e
+
+    fresh: list[FileRecord] = []
     try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns, st.st_ino
+        for (p, sig), digest in ordered_map(read_hash, scan.to_read, workers, depth, name="hm-hash"):
+            if isinstance(digest, OSError):
+                yield p, Skipped(p, f"cannot read ({digest.strerror or digest})")
+                continue
+            fresh.append(FileRecord(scan.keys[p], sig[0], sig[1], sig[2], digest))
+            if len(fresh) >= 500:
+                store.put_file_records(fresh)
+                fresh = []
+            yield p, digest
+    finally:
+        if fresh:
+            store.put_file_records(fresh)
 
 
 def hash_paths(store: Store, paths: list[Path], workers: int | None = None) -> tuple[dict[Path, str], list[Skipped], int]:
@@ -110,56 +189,85 @@ def hash_paths(store: Store, paths: list[Path], workers: int | None = None) -> t
 
     Returns (hashes, skipped, number of files actually read).
     """
-    keys = {p: str(Path(p).absolute()) for p in paths}
-    known = store.file_records(keys.values())
-    hashes: dict[Path, str] = {}
-    skipped: list[Skipped] = []
-    to_read: list[tuple[Path, tuple[int, int, int]]] = []
-    for p in paths:
-        sig = _stat_signature(p)
-        if sig is None:
-            skipped.append(Skipped(p, "file vanished"))
-            continue
-        rec = known.get(keys[p])
-        if rec is not None and (rec.size, rec.mtime_ns, rec.inode) == sig:
-            hashes[p] = rec.hash
+    scan = scan_paths(store, paths)
+    hashes, skipped = dict(scan.known), list(scan.skipped)
+    for p, digest in stream_hashes(store, scan, workers or default_workers()):
+        if isinstance(digest, Skipped):
+            skipped.append(digest)
         else:
-            to_read.append((p, sig))
-
-    def read(item: tuple[Path, tuple[int, int, int]]) -> str | OSError:
-        try:
-            return file_sha256(item[0])
-        except OSError as e:
-            return e
-
-    fresh: list[FileRecord] = []
-    for (p, sig), digest in ordered_map(read, to_read, workers or default_workers(), 64):
-        if isinstance(digest, OSError):
-            skipped.append(Skipped(p, f"cannot read ({digest.strerror or digest})"))
-            continue
-        hashes[p] = digest
-        fresh.append(FileRecord(keys[p], sig[0], sig[1], sig[2], digest))
-        if len(fresh) >= 500:
-            store.put_file_records(fresh)
-            fresh = []
-    if fresh:
-        store.put_file_records(fresh)
-    return hashes, skipped, len(to_read)
+            hashes[p] = digest
+    return {p: hashes[p] for p in paths if p in hashes}, skipped, len(scan.to_read)
 
 
-def _prepare(embedder: Embedder) -> Callable[[Path], np.ndarray | ImageError]:
+def _prepare(embedder: Embedder, turns: "Turns") -> Callable[[Path], np.ndarray | ImageError]:
+    """Decode no larger than needed (JPEG DCT scaling to at least the input side), then the model's own processor."""
     side = embedder.input_side
 
     def prepare(path: Path) -> np.ndarray | ImageError:
-        try:
-            image = load_image(path, min_side=side)
-            return embedder.preprocess([image])[0]
-        except ImageError as e:
-            return e
-        except Exception as e:  # a processor failure on one odd image skips that image only
-            return ImageError(f"cannot preprocess ({type(e).__name__}: {e})")
+        with turns.working():
+            try:
+                image = load_image(path, min_side=side)
+                return embedder.preprocess([image])[0]
+            except ImageError as e:
+                return e
+            except Exception as e:  # a processor failure on one odd image skips that image only
+                return ImageError(f"cannot preprocess ({type(e).__name__}: {e})")
 
     return prepare
+
+
+class Turns:
+    """Lets the forward pass and the file workers (hashing, decoding) take turns on the same cores.
+
+    On a CPU the forward pass already uses every core through torch's intra-op threads; a decode
+    thread running beside it makes those threads wait for each other at every operation, and both
+    lose. Workers run each file inside `working()`; the forward pass runs inside `exclusive()`,
+    which waits for the files in progress and starts no new one until it is done. A disabled
+    Turns (GPU: the forward pass runs on the device) lets everything overlap.
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._cond = threading.Condition()
+        self._open = True
+        self._active = 0
+
+    @contextmanager
+    def working(self) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        with self._cond:
+            self._cond.wait_for(lambda: self._open)
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        with self._cond:
+            self._open = False
+            self._cond.wait_for(lambda: self._active == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._open = True
+                self._cond.notify_all()
+
+
+def _worker_setup() -> None:
+    """File workers use one intra-op thread each (the processor runs torch ops): they are many already."""
+    import torch
+
+    torch.set_num_threads(1)  # per thread: OpenMP's setting is thread-local
 
 
 def embed_paths(
@@ -173,46 +281,80 @@ def embed_paths(
     progress: bool | None = None,
     label: str = "Embedding",
     embedder: Embedder | None = None,
+    turns: bool | None = None,
 ) -> EmbedResult:
     """Make sure every readable image in `paths` has a cached vector for `model`.
 
-    Identical contents are embedded once. Unreadable files are listed in
+    One stream: stat against the file index (unchanged files are never read) -> hash new files in
+    threads -> cache look-up -> decode and preprocess in threads -> batched forward pass -> vectors to
+    SQLite per batch. Every stage is a bounded window ahead of the next, so memory stays flat however
+    many files there are. Identical contents are embedded once. Unreadable files are listed in
     `skipped` with their reason; they are never modified or removed.
+
+    `turns` (default: on when the model runs on the CPU) makes file workers pause while the forward
+    pass runs, so the two never fight over the same cores.
     """
     started = time.perf_counter()
-    paths = list(dict.fromkeys(Path(p) for p in paths))
+    paths = list(dict.fromkeys(p if isinstance(p, Path) else Path(p) for p in paths))
     workers = workers or default_workers()
-    result = EmbedResult()
-    hashes, result.skipped, result.hashed = hash_paths(store, paths, workers)
-    cached = store.cached_hashes(model.id, hashes.values())
-    todo: dict[str, Path] = {}
-    for p, h in hashes.items():
-        if h in cached:
-            result.cached += 1
-        else:
-            todo.setdefault(h, p)
+    result = EmbedResult(workers=workers)
+    scan = scan_paths(store, paths)
+    result.skipped, result.hashed = list(scan.skipped), len(scan.to_read)
+    cached = store.cached_hashes(model.id, set(scan.known.values()))
+    hashes: dict[Path, str] = {}
+    queued: set[str] = set()
+    device_type = embedder.device.type if embedder else pick_device(device).type
+    gate = Turns(device_type == "cpu" if turns is None else turns)
+
+    def todo() -> Iterator[tuple[str, Path]]:
+        """Unique contents without a cached vector, known files first, new files as they are hashed."""
+        for p, h in scan.known.items():
+            hashes[p] = h
+            if h in cached:
+                result.cached += 1
+            elif h not in queued:
+                queued.add(h)
+                yield h, p
+        for p, h in stream_hashes(store, scan, workers, turns=gate):
+            if isinstance(h, Skipped):
+                result.skipped.append(h)
+                continue
+            hashes[p] = h
+            if h in cached or (h not in queued and store.cached_hashes(model.id, [h])):
+                cached.add(h)
+                result.cached += 1
+            elif h not in queued:
+                queued.add(h)
+                yield h, p
+
     bad: dict[str, str] = {}  # hash -> why it cannot be embedded
-    if todo:
+    stream = todo()
+    first = next(stream, None)
+    if first is not None:
         t_load = time.perf_counter()
         embedder = embedder or get_embedder(model.name, model.path, model.embed_dim, device)
         batch_size = batch_size or default_batch_size(embedder)
         t0 = time.perf_counter()
-        result.load_seconds, result.batch_size, result.workers = t0 - t_load, batch_size, workers
-        bar = tqdm(total=len(todo), desc=label, unit="img", disable=not progress_enabled(progress),
+        result.load_seconds, result.batch_size = t0 - t_load, batch_size
+        estimate = sum(1 for h in set(scan.known.values()) if h not in cached) + len(scan.to_read)
+        bar = tqdm(total=estimate, desc=label, unit="img", disable=not progress_enabled(progress),
                    dynamic_ncols=True, smoothing=0.1)
         batch: list[tuple[str, np.ndarray]] = []
 
         def flush() -> None:
             pixels = np.stack([px for _, px in batch])
-            vectors = embedder.embed_pixels(pixels)
+            with gate.exclusive():
+                vectors = embedder.embed_pixels(pixels)
             store.put_vectors(model.id, zip((h for h, _ in batch), vectors))
             result.embedded += len(batch)
             bar.update(len(batch))
             batch.clear()
 
         depth = max(2 * batch_size, 4 * workers)
-        prepare = _prepare(embedder)
-        for (h, _), prepared in ordered_map(lambda item: prepare(item[1]), todo.items(), workers, depth):
+        prepare = _prepare(embedder, gate)
+        decoded = ordered_map(lambda item: prepare(item[1]), itertools.chain([first], stream), workers, depth,
+                              initializer=_worker_setup)
+        for (h, _), prepared in decoded:
             if isinstance(prepared, ImageError):
                 bad[h] = str(prepared)
                 bar.update(1)
@@ -222,13 +364,15 @@ def embed_paths(
                 flush()
         if batch:
             flush()
+        bar.total = bar.n  # duplicates and cached contents among new files were never queued
         bar.close()
         result.embed_seconds = time.perf_counter() - t0
-    for p, h in list(hashes.items()):
-        if h in bad:
-            result.skipped.append(Skipped(p, bad[h]))
-            del hashes[p]
-    result.hashes = hashes
+    if bad:
+        for p, h in list(hashes.items()):
+            if h in bad:
+                result.skipped.append(Skipped(p, bad[h]))
+                del hashes[p]
+    result.hashes = hashes if len(hashes) == len(paths) else {p: hashes[p] for p in paths if p in hashes}
     result.seconds = time.perf_counter() - started
     return result
 

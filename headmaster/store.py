@@ -206,6 +206,15 @@ class Store:
             out.update((r[0], FileRecord(*r)) for r in rows)
         return out
 
+    def file_signatures(self, paths: Iterable[str]) -> dict[str, tuple[int, int, int, str]]:
+        """path -> (size, mtime_ns, inode, hash) for the indexed ones: `file_records` without objects (fast path)."""
+        out: dict[str, tuple[int, int, int, str]] = {}
+        for part in chunks(list(paths), 900):
+            marks = ",".join("?" * len(part))
+            rows = self.conn.execute(f"SELECT path, size, mtime_ns, inode, hash FROM files WHERE path IN ({marks})", part)
+            out.update((r[0], r[1:]) for r in rows)
+        return out
+
     def files_under(self, prefix: str) -> list[FileRecord]:
         """Every indexed file whose path starts with `prefix` (a folder path with trailing /)."""
         rows = self.conn.execute(
