@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import numpy as np
 from tqdm import tqdm
 
+from headmaster.cores import CoreShare
 from headmaster.embedders import Embedder, get_embedder, pick_device
 from headmaster.images import ImageError, file_sha256, load_image
 from headmaster.store import FileRecord, Model, Store
@@ -51,6 +51,7 @@ class EmbedResult:
     load_seconds: float = 0.0  # loading the model (0 when nothing needed embedding or it was loaded already)
     batch_size: int = 0  # what the forward pass used (0: no forward pass)
     workers: int = 0  # decode workers used
+    cpu_share: str = ""  # how the forward pass and the workers shared the CPU (headmaster.cores), "off" on a GPU
 
     def timings(self) -> dict:
         """Machine-readable numbers for benchmarks (`HEADMASTER_TIMINGS=1 hm embed`)."""
@@ -60,6 +61,7 @@ class EmbedResult:
                 "hashed": self.hashed, "seconds": self.seconds, "embed_seconds": self.embed_seconds,
                 "load_seconds": self.load_seconds, "images_per_second": self.images_per_second,
                 "batch_size": self.batch_size, "workers": self.workers, "torch_threads": torch.get_num_threads(),
+                "cpu_share": self.cpu_share,
                 "peak_rss_mib": peak_rss_mib()}
 
     @property
@@ -153,16 +155,16 @@ def scan_paths(store: Store, paths: list[Path]) -> Scan:
     return scan
 
 
-def stream_hashes(store: Store, scan: Scan, workers: int, depth: int = 64, turns: "Turns | None" = None
+def stream_hashes(store: Store, scan: Scan, workers: int, depth: int = 64, share: CoreShare | None = None
                   ) -> Iterator[tuple[Path, str | Skipped]]:
     """Hash the new and changed files in worker threads (streamed in chunks), a bounded window ahead.
 
     Yields (path, hash) or (path, Skipped) in order; the file index is updated every 500 files and at the end.
     """
-    turns = turns or Turns(False)
+    share = share or CoreShare(False)
 
     def read_hash(item: tuple[Path, Signature]) -> str | OSError:
-        with turns.working():
+        with share.working():
             try:
                 return file_sha256(item[0])
             except OSError as e:
@@ -199,12 +201,12 @@ def hash_paths(store: Store, paths: list[Path], workers: int | None = None) -> t
     return {p: hashes[p] for p in paths if p in hashes}, skipped, len(scan.to_read)
 
 
-def _prepare(embedder: Embedder, turns: "Turns") -> Callable[[Path], np.ndarray | ImageError]:
+def _prepare(embedder: Embedder, share: CoreShare) -> Callable[[Path], np.ndarray | ImageError]:
     """Decode no larger than needed (JPEG DCT scaling to at least the input side), then the model's own processor."""
     side = embedder.input_side
 
     def prepare(path: Path) -> np.ndarray | ImageError:
-        with turns.working():
+        with share.working():
             try:
                 image = load_image(path, min_side=side)
                 return embedder.preprocess([image])[0]
@@ -214,53 +216,6 @@ def _prepare(embedder: Embedder, turns: "Turns") -> Callable[[Path], np.ndarray 
                 return ImageError(f"cannot preprocess ({type(e).__name__}: {e})")
 
     return prepare
-
-
-class Turns:
-    """Lets the forward pass and the file workers (hashing, decoding) take turns on the same cores.
-
-    On a CPU the forward pass already uses every core through torch's intra-op threads; a decode
-    thread running beside it makes those threads wait for each other at every operation, and both
-    lose. Workers run each file inside `working()`; the forward pass runs inside `exclusive()`,
-    which waits for the files in progress and starts no new one until it is done. A disabled
-    Turns (GPU: the forward pass runs on the device) lets everything overlap.
-    """
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self._cond = threading.Condition()
-        self._open = True
-        self._active = 0
-
-    @contextmanager
-    def working(self) -> Iterator[None]:
-        if not self.enabled:
-            yield
-            return
-        with self._cond:
-            self._cond.wait_for(lambda: self._open)
-            self._active += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._active -= 1
-                self._cond.notify_all()
-
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        if not self.enabled:
-            yield
-            return
-        with self._cond:
-            self._open = False
-            self._cond.wait_for(lambda: self._active == 0)
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._open = True
-                self._cond.notify_all()
 
 
 def _worker_setup() -> None:
@@ -281,7 +236,7 @@ def embed_paths(
     progress: bool | None = None,
     label: str = "Embedding",
     embedder: Embedder | None = None,
-    turns: bool | None = None,
+    cpu_share: str = "auto",
 ) -> EmbedResult:
     """Make sure every readable image in `paths` has a cached vector for `model`.
 
@@ -291,8 +246,9 @@ def embed_paths(
     many files there are. Identical contents are embedded once. Unreadable files are listed in
     `skipped` with their reason; they are never modified or removed.
 
-    `turns` (default: on when the model runs on the CPU) makes file workers pause while the forward
-    pass runs, so the two never fight over the same cores.
+    On the CPU the forward pass and the file workers share the cores as `cpu_share` says: "auto"
+    measures both ways of headmaster.cores on the first batches and keeps the faster, "turns" or
+    "split" forces one, "off" lets them overlap freely (as on a GPU).
     """
     started = time.perf_counter()
     paths = list(dict.fromkeys(p if isinstance(p, Path) else Path(p) for p in paths))
@@ -304,7 +260,7 @@ def embed_paths(
     hashes: dict[Path, str] = {}
     queued: set[str] = set()
     device_type = embedder.device.type if embedder else pick_device(device).type
-    gate = Turns(device_type == "cpu" if turns is None else turns)
+    gate = CoreShare(device_type == "cpu" and cpu_share != "off", mode=None if cpu_share in ("auto", "off") else cpu_share)
 
     def todo() -> Iterator[tuple[str, Path]]:
         """Unique contents without a cached vector, known files first, new files as they are hashed."""
@@ -315,7 +271,7 @@ def embed_paths(
             elif h not in queued:
                 queued.add(h)
                 yield h, p
-        for p, h in stream_hashes(store, scan, workers, turns=gate):
+        for p, h in stream_hashes(store, scan, workers, share=gate):
             if isinstance(h, Skipped):
                 result.skipped.append(h)
                 continue
@@ -343,7 +299,7 @@ def embed_paths(
 
         def flush() -> None:
             pixels = np.stack([px for _, px in batch])
-            with gate.exclusive():
+            with gate.forward(len(batch)):
                 vectors = embedder.embed_pixels(pixels)
             store.put_vectors(model.id, zip((h for h, _ in batch), vectors))
             result.embedded += len(batch)
@@ -354,18 +310,22 @@ def embed_paths(
         prepare = _prepare(embedder, gate)
         decoded = ordered_map(lambda item: prepare(item[1]), itertools.chain([first], stream), workers, depth,
                               initializer=_worker_setup)
-        for (h, _), prepared in decoded:
-            if isinstance(prepared, ImageError):
-                bad[h] = str(prepared)
-                bar.update(1)
-                continue
-            batch.append((h, prepared))
-            if len(batch) >= batch_size:
+        try:
+            for (h, _), prepared in decoded:
+                if isinstance(prepared, ImageError):
+                    bad[h] = str(prepared)
+                    bar.update(1)
+                    continue
+                batch.append((h, prepared))
+                if len(batch) >= batch_size:
+                    flush()
+            if batch:
                 flush()
-        if batch:
-            flush()
-        bar.total = bar.n  # duplicates and cached contents among new files were never queued
-        bar.close()
+        finally:
+            gate.close()
+            bar.total = bar.n  # duplicates and cached contents among new files were never queued
+            bar.close()
+        result.cpu_share = gate.chosen if gate.enabled else "off"
         result.embed_seconds = time.perf_counter() - t0
     if bad:
         for p, h in list(hashes.items()):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from headmaster.cores import SPLIT, TURNS, CoreShare
 from headmaster.embedders import get_embedder
 from headmaster.images import load_image
 from headmaster.pipeline import EmbedResult, embed_paths, ordered_map, vectors_for
@@ -176,3 +177,70 @@ def test_embed_result_keeps_its_fields():
     r.embedded, r.embed_seconds = 10, 2.0
     assert r.images_per_second == 5.0
     assert set(r.timings()) >= {"embedded", "cached", "skipped", "hashed", "embed_seconds", "load_seconds"}
+
+
+# -- sharing the CPU between the forward pass and the file workers ----------------------------------
+
+def _watch_workers(share: CoreShare, forward_batches: int, sleep_in_forward) -> int:
+    """Run 3 busy workers beside `forward_batches` forward passes; return the most workers seen inside one."""
+    stop = threading.Event()
+    lock = threading.Lock()
+    seen = {"active": 0, "max_during_forward": 0, "in_forward": False}
+
+    def worker():
+        while not stop.is_set():
+            with share.working():
+                with lock:
+                    seen["active"] += 1
+                    if seen["in_forward"]:
+                        seen["max_during_forward"] = max(seen["max_during_forward"], seen["active"])
+                time.sleep(0.001)
+                with lock:
+                    seen["active"] -= 1
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(forward_batches):
+            with share.forward(4):
+                with lock:
+                    seen["in_forward"] = True
+                    seen["max_during_forward"] = max(seen["max_during_forward"], seen["active"])
+                time.sleep(sleep_in_forward(share.mode))
+                with lock:
+                    seen["in_forward"] = False
+            time.sleep(0.003)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        share.close()
+    return seen["max_during_forward"]
+
+
+def test_turns_keeps_workers_out_of_the_forward_pass():
+    before = torch.get_num_threads()
+    share = CoreShare(True, cores=2, mode=TURNS)
+    assert _watch_workers(share, 4, lambda mode: 0.01) == 0
+    assert torch.get_num_threads() == before  # thread count given back
+
+
+def test_split_lets_one_worker_run_beside_the_forward_pass():
+    share = CoreShare(True, cores=2, mode=SPLIT)
+    assert _watch_workers(share, 4, lambda mode: 0.01) <= 1
+
+
+def test_auto_keeps_the_faster_way_of_sharing():
+    share = CoreShare(True, cores=2)
+    _watch_workers(share, 8, lambda mode: 0.03 if mode == SPLIT else 0.005)
+    assert share.chosen == TURNS
+    assert {m for m, _ in share.history} == {TURNS, SPLIT}
+    share = CoreShare(True, cores=2)
+    _watch_workers(share, 8, lambda mode: 0.03 if mode == TURNS else 0.005)
+    assert share.chosen == SPLIT
+
+
+def test_disabled_share_overlaps_freely():
+    share = CoreShare(False, cores=2)
+    assert _watch_workers(share, 3, lambda mode: 0.02) >= 1
