@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=96, help="photo-sized JPEGs for (a)-(d) (default 96)")
     ap.add_argument("--size", default="4000x3000", help="photo size WxH (default 4000x3000)")
     ap.add_argument("--unchanged", type=int, default=4000, help="small files in the (e) tree (default 4000)")
-    ap.add_argument("--naive", type=int, default=24, help="images timed in the naive loop (default 24)")
+    ap.add_argument("--naive", type=int, default=16, help="images timed in the naive loop (default 16)")
     ap.add_argument("--device", default="cpu", help="device for every measurement (default cpu)")
     ap.add_argument("--batch-size", type=int, default=None, help="pass --batch-size to hm embed")
     ap.add_argument("--workers", type=int, default=None, help="pass --workers to hm embed")

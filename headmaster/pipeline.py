@@ -27,6 +27,8 @@ from headmaster.embedders import Embedder, get_embedder, pick_device
 from headmaster.images import ImageError, file_sha256, load_image
 from headmaster.store import FileRecord, Model, Store
 
+GIL_SWITCH_INTERVAL = 0.0005  # seconds, while embedding (measured in bench/RESULTS.md)
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -310,6 +312,10 @@ def embed_paths(
         prepare = _prepare(embedder, gate)
         decoded = ordered_map(lambda item: prepare(item[1]), itertools.chain([first], stream), workers, depth,
                               initializer=_worker_setup)
+        # The forward thread needs the GIL for a moment between torch ops; with Python's default 5 ms
+        # switch interval a decode thread in Python code holds it long enough to stall the forward pass.
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch_interval, GIL_SWITCH_INTERVAL))
         try:
             for (h, _), prepared in decoded:
                 if isinstance(prepared, ImageError):
@@ -322,6 +328,7 @@ def embed_paths(
             if batch:
                 flush()
         finally:
+            sys.setswitchinterval(switch_interval)
             gate.close()
             bar.total = bar.n  # duplicates and cached contents among new files were never queued
             bar.close()
