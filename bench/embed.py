@@ -230,6 +230,16 @@ def fill_cache(workspace: Path, device: str) -> None:
         embed_heads(ctx)
 
 
+def embed_new(work: Path, model_path: Path, dim: int, photos: list[Path], extra: list[str], tag: str) -> HmRun:
+    """`hm embed` in a fresh workspace holding `photos`: every one of them is new."""
+    ws = new_workspace(work / f"ws-c-{tag}", model_path, dim)
+    link_into(photos, ws / "heads" / "bench")
+    run = run_hm_embed(ws, extra)
+    if run.timings["embedded"] != len(photos):
+        raise SystemExit(f"hm embed embedded {run.timings['embedded']} of {len(photos)}: {run.stdout}")
+    return run
+
+
 def link_into(paths: list[Path], head: Path) -> None:
     """Split images over two buckets by hard links (no copies: the page cache holds one version)."""
     for i, p in enumerate(paths):
@@ -262,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="4000x3000", help="photo size WxH (default 4000x3000)")
     ap.add_argument("--unchanged", type=int, default=4000, help="small files in the (e) tree (default 4000)")
     ap.add_argument("--naive", type=int, default=16, help="images timed in the naive loop (default 16)")
+    ap.add_argument("--repeat", type=int, default=2, help="runs of (a) and (c), interleaved; best reported")
     ap.add_argument("--device", default="cpu", help="device for every measurement (default cpu)")
     ap.add_argument("--batch-size", type=int, default=None, help="pass --batch-size to hm embed")
     ap.add_argument("--workers", type=int, default=None, help="pass --workers to hm embed")
@@ -270,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = ap.parse_args(argv)
     if args.tiny:
-        args.images, args.size, args.unchanged, args.naive = 8, "320x240", 200, 4
+        args.images, args.size, args.unchanged, args.naive, args.repeat = 8, "320x240", 200, 4, 1
     width, height = (int(v) for v in args.size.lower().split("x"))
     work = args.work or Path(tempfile.mkdtemp(prefix="hm-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -294,26 +305,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers:
         extra += ["--workers", str(args.workers)]
 
-    # (c) first, while this process holds no model: hm embed on N/2 and N images (peak RSS flat in N?)
-    runs = {}
-    for n in sorted({args.images} if args.tiny else {max(1, args.images // 2), args.images}):
-        log(f"(c) hm embed, {n} new photos")
-        ws = new_workspace(work / f"ws-c{n}", model_path, dim)
-        link_into(photos[:n], ws / "heads" / "bench")
-        runs[n] = run_hm_embed(ws, extra)
-        if runs[n].timings["embedded"] != n:
-            raise SystemExit(f"hm embed embedded {runs[n].timings['embedded']} of {n}: {runs[n].stdout}")
-    c = runs[args.images]
-    c_rate = c.timings["embedded"] / c.timings["embed_seconds"]
-
-    # (a) and (b) in this process, same model folder and files
-    log("(a) forward-only ceiling")
+    # (c) `hm embed` and (a) the forward pass alone, interleaved --repeat times: on a shared machine the
+    # load moves within seconds, so each is reported as its best run (the least disturbed), all runs in notes
+    runs: dict[int, HmRun] = {}
+    if not args.tiny and args.images > 1:
+        log(f"(c) hm embed, {args.images // 2} new photos (peak memory at half the files)")
+        runs[args.images // 2] = embed_new(work, model_path, dim, photos[: args.images // 2], extra, "half")
     embedder = load_embedder("bench", str(model_path), dim, args.device)
     with Image.open(photos[0]) as img:
         sample = embedder.preprocess([img.convert("RGB")])[0]
     batch_sizes = [8, 16, 32] if not args.tiny else [8]
     threads = sorted({1, cpu_cores()})
-    ceiling = forward_ceiling(embedder, sample, batch_sizes, threads, 0.2 if args.tiny else 3.0)
+    c_runs: list[HmRun] = []
+    ceiling: dict[tuple[int, int], float] = {}
+    for rep in range(args.repeat):
+        log(f"(c) hm embed, {args.images} new photos (run {rep + 1}/{args.repeat})")
+        c_runs.append(embed_new(work, model_path, dim, photos, extra, "full"))
+        log(f"(a) forward-only ceiling (run {rep + 1}/{args.repeat})")
+        for key, rate in forward_ceiling(embedder, sample, batch_sizes, threads,
+                                         0.2 if args.tiny else 2.5).items():
+            ceiling[key] = max(rate, ceiling.get(key, 0.0))
+    rate_of = lambda r: r.timings["embedded"] / r.timings["embed_seconds"]  # noqa: E731
+    c = max(c_runs, key=rate_of)
+    c_rate = rate_of(c)
+    runs[args.images] = c
     best_bs, best_threads = max(ceiling, key=ceiling.get)
     a_rate = ceiling[best_bs, best_threads]
     log("CPU cost per stage")
@@ -346,13 +361,14 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [
         ("(a) forward only, best batch and threads", f"{a_rate:.2f} img/s",
-         f"batch {best_bs}, {best_threads} threads; all (batch/threads): "
+         f"batch {best_bs}, {best_threads} threads; best of {args.repeat} per setting (batch/threads): "
          + ", ".join(f"{b}/{t}: {v:.2f}" for (b, t), v in ceiling.items())),
         ("(b) naive loop", f"{b_rate:.2f} img/s", f"{min(args.naive, len(photos))} images, batch 1, full decode"),
         ("(c) hm embed, embedding rate", f"{c_rate:.2f} img/s",
          f"{c.timings['embedded']} images in {c.timings['embed_seconds']:.2f}s, "
          f"batch {c.timings.get('batch_size')}, {c.timings.get('workers')} workers, "
-         f"CPU cores shared by '{c.timings.get('cpu_share')}'"),
+         f"CPU cores shared by '{c.timings.get('cpu_share')}'; best of "
+         + ", ".join(f"{rate_of(r):.2f}" for r in c_runs)),
         ("(c) hm start-up", f"{c.startup:.2f} s", "interpreter, imports, workspace"),
         ("(c) model load", f"{c.timings['load_seconds']:.2f} s", "from_pretrained + probe"),
         ("(c) hm embed, wall", f"{c.wall:.2f} s", f"{args.images / c.wall:.2f} img/s end to end"),
