@@ -133,6 +133,20 @@ def forward_ceiling(embedder, sample: np.ndarray, batch_sizes: list[int], thread
     return rates
 
 
+def best_share_bound(costs: dict[str, float], ceiling: dict[tuple[int, int], float], cores: int) -> float:
+    """The best images/s any pipeline can reach on `cores` CPU cores, from the measured stage costs.
+
+    turns: forward at the best all-core rate, then the files' CPU work spread over every core;
+    split: forward on cores-1 threads while one core hashes and decodes beside it.
+    """
+    files_ms = costs["decode"] + costs["hash"]
+    all_cores = max(v for (b, t), v in ceiling.items() if t == max(t for _, t in ceiling))
+    turns = 1000 / (1000 / all_cores + files_ms / cores)
+    rest = [v for (b, t), v in ceiling.items() if t == max(1, cores - 1)]
+    split = min(max(rest), 1000 / files_ms) if rest and cores > 1 else 0.0
+    return max(turns, split)
+
+
 def cpu_costs(embedder, paths: list[Path], batch: int) -> dict[str, float]:
     """CPU milliseconds per image of each stage, one thread each: a machine's other load barely changes these."""
     import torch
@@ -240,6 +254,12 @@ def embed_new(work: Path, model_path: Path, dim: int, photos: list[Path], extra:
     return run
 
 
+def unchanged_run(workspace: Path, device: str, repeat: int) -> HmRun:
+    """`hm embed` over a tree it has seen: the fastest of `repeat` runs (time beyond start-up)."""
+    return min((run_hm_embed(workspace, ["--device", device]) for _ in range(repeat)),
+               key=lambda r: r.timings["command_seconds"])
+
+
 def link_into(paths: list[Path], head: Path) -> None:
     """Split images over two buckets by hard links (no copies: the page cache holds one version)."""
     for i, p in enumerate(paths):
@@ -333,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     a_rate = ceiling[best_bs, best_threads]
     log("CPU cost per stage")
     costs = cpu_costs(embedder, photos[: min(8, len(photos))], 16 if not args.tiny else 4)
-    bound = costs["forward"] / (costs["forward"] + costs["decode"] + costs["hash"])
+    bound = best_share_bound(costs, ceiling, cpu_cores()) / a_rate
     log("(b) naive loop")
     naive_loop(embedder, photos[:1])  # warm-up
     b_rate = naive_loop(embedder, photos[: args.naive])
@@ -348,11 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     small = make_jpegs(src, quarter, (96, 72), distinct=2)
     link_into(small, ws_e / "heads" / "tree")
     fill_cache(ws_e, args.device)  # the first embed, in this process: only the second one is measured
-    second_q = run_hm_embed(ws_e, ["--device", args.device])
+    second_q = unchanged_run(ws_e, args.device, args.repeat)
     more = make_jpegs(src, args.unchanged - quarter, (96, 72), distinct=2, start=quarter)
     link_into(more, ws_e / "heads" / "tree2")
     fill_cache(ws_e, args.device)
-    second_full = run_hm_embed(ws_e, ["--device", args.device])
+    second_full = unchanged_run(ws_e, args.device, args.repeat)
     for r, n in ((second_q, quarter), (second_full, args.unchanged)):
         if r.timings["embedded"] != 0 or r.timings["hashed"] != 0 or r.timings["cached"] != n:
             raise SystemExit(f"second run over an unchanged tree did work: {r.timings}")
@@ -372,15 +392,15 @@ def main(argv: list[str] | None = None) -> int:
         ("(c) hm start-up", f"{c.startup:.2f} s", "interpreter, imports, workspace"),
         ("(c) model load", f"{c.timings['load_seconds']:.2f} s", "from_pretrained + probe"),
         ("(c) hm embed, wall", f"{c.wall:.2f} s", f"{args.images / c.wall:.2f} img/s end to end"),
-        ("(d) c/a", f"{c_rate / a_rate:.2f}", f"target >= 0.85; CPU-time bound {bound:.2f} (see below)"),
+        ("(d) c/a", f"{c_rate / a_rate:.2f}", f"target >= 0.85; bound from stage costs on {cpu_cores()} cores: {bound:.2f}"),
         ("(d) c/b", f"{c_rate / b_rate:.2f}", "target >= 3"),
         ("(d) peak RSS of hm", " / ".join(f"{runs[n].peak_rss_mib:.0f}" for n in sorted(runs)) + " MiB",
          " / ".join(f"{n} images" for n in sorted(runs))),
-        ("(e) 2nd hm embed, beyond start-up", f"{second_q.timings['command_seconds']:.3f} s / "
+        ("(e) 2nd hm embed, beyond start-up (best of --repeat)", f"{second_q.timings['command_seconds']:.3f} s / "
          f"{second_full.timings['command_seconds']:.3f} s", f"{quarter} / {args.unchanged} unchanged files; "
          f"wall {second_q.wall:.2f} / {second_full.wall:.2f} s"),
         ("CPU ms per image: hash / decode+preprocess / forward", f"{costs['hash']:.1f} / {costs['decode']:.1f} / "
-         f"{costs['forward']:.1f}", "one thread each; c/a cannot pass forward/(sum) when every core is busy"),
+         f"{costs['forward']:.1f}", "one thread each (CPU time)"),
         ("(e) growth per 1000 files", f"{growth_ms:.1f} ms", "target: a few ms"),
         ("(e) peak RSS of the 2nd hm embed", f"{second_q.peak_rss_mib:.0f} / {second_full.peak_rss_mib:.0f} MiB",
          f"{quarter} / {args.unchanged} files"),
@@ -397,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "a": a_rate, "ceiling": {f"{b}/{t}": v for (b, t), v in ceiling.items()}, "cpu_ms": costs, "b": b_rate, "c": c_rate, "c_timings": c.timings,
-            "startup": c.startup, "wall": c.wall, "c_over_a": c_rate / a_rate, "c_over_b": c_rate / b_rate,
+            "startup": c.startup, "bound": bound, "wall": c.wall, "c_over_a": c_rate / a_rate, "c_over_b": c_rate / b_rate,
             "peak_rss_mib": {n: r.peak_rss_mib for n, r in runs.items()},
             "e_seconds": {quarter: second_q.timings["command_seconds"],
                           args.unchanged: second_full.timings["command_seconds"]},
