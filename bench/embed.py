@@ -392,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         ("(c) hm start-up", f"{c.startup:.2f} s", "interpreter, imports, workspace"),
         ("(c) model load", f"{c.timings['load_seconds']:.2f} s", "from_pretrained + probe"),
         ("(c) hm embed, wall", f"{c.wall:.2f} s", f"{args.images / c.wall:.2f} img/s end to end"),
-        ("(d) c/a", f"{c_rate / a_rate:.2f}", f"target >= 0.85; bound from stage costs on {cpu_cores()} cores: {bound:.2f}"),
+        ("(d) c/a", f"{c_rate / a_rate:.2f}",
+         f"target >= 0.85; bound from stage costs on {cpu_cores()} cores: {bound:.2f}"),
         ("(d) c/b", f"{c_rate / b_rate:.2f}", "target >= 3"),
         ("(d) peak RSS of hm", " / ".join(f"{runs[n].peak_rss_mib:.0f}" for n in sorted(runs)) + " MiB",
          " / ".join(f"{n} images" for n in sorted(runs))),
@@ -416,8 +417,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {value} | {note} |")
     if args.json:
         args.json.write_text(json.dumps({
-            "a": a_rate, "ceiling": {f"{b}/{t}": v for (b, t), v in ceiling.items()}, "cpu_ms": costs, "b": b_rate, "c": c_rate, "c_timings": c.timings,
-            "startup": c.startup, "bound": bound, "wall": c.wall, "c_over_a": c_rate / a_rate, "c_over_b": c_rate / b_rate,
+            "a": a_rate, "ceiling": {f"{b}/{t}": v for (b, t), v in ceiling.items()}, "cpu_ms": costs,
+            "b": b_rate, "c": c_rate, "c_timings": c.timings, "startup": c.startup, "bound": bound,
+            "wall": c.wall, "c_over_a": c_rate / a_rate, "c_over_b": c_rate / b_rate,
             "peak_rss_mib": {n: r.peak_rss_mib for n, r in runs.items()},
             "e_seconds": {quarter: second_q.timings["command_seconds"],
                           args.unchanged: second_full.timings["command_seconds"]},

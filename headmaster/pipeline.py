@@ -71,10 +71,13 @@ class EmbedResult:
         return self.embedded / self.embed_seconds if self.embed_seconds > 0 else 0.0
 
     def summary(self, model_name: str) -> str:
-        """One line: embedded, cached, skipped, and the embedding rate when anything was embedded."""
+        """One line: embedded, cached, skipped (when any), and the embedding rate when anything was embedded."""
+        parts = [f"{self.cached} cached"]
+        if self.skipped:
+            parts.append(f"{len(self.skipped)} skipped")
         rate = f", {self.images_per_second:.1f} img/s" if self.embedded else ""
-        return (f"Embedded {self.embedded} images with {model_name} ({self.cached} cached, "
-                f"{len(self.skipped)} skipped) in {self.seconds:.1f}s{rate}")
+        return (f"Embedded {self.embedded} images with {model_name} ({', '.join(parts)}) "
+                f"in {self.seconds:.1f}s{rate}")
 
 
 def peak_rss_mib() -> float | None:
@@ -188,7 +191,8 @@ def stream_hashes(store: Store, scan: Scan, workers: int, depth: int = 64, share
             store.put_file_records(fresh)
 
 
-def hash_paths(store: Store, paths: list[Path], workers: int | None = None) -> tuple[dict[Path, str], list[Skipped], int]:
+def hash_paths(store: Store, paths: list[Path], workers: int | None = None
+               ) -> tuple[dict[Path, str], list[Skipped], int]:
     """Content hashes for `paths`; files whose size, mtime and inode match the index are not read.
 
     Returns (hashes, skipped, number of files actually read).
@@ -262,7 +266,8 @@ def embed_paths(
     hashes: dict[Path, str] = {}
     queued: set[str] = set()
     device_type = embedder.device.type if embedder else pick_device(device).type
-    gate = CoreShare(device_type == "cpu" and cpu_share != "off", mode=None if cpu_share in ("auto", "off") else cpu_share)
+    gate = CoreShare(device_type == "cpu" and cpu_share != "off",
+                     mode=None if cpu_share in ("auto", "off") else cpu_share)
 
     def todo() -> Iterator[tuple[str, Path]]:
         """Unique contents without a cached vector, known files first, new files as they are hashed."""

@@ -211,7 +211,8 @@ class Store:
         out: dict[str, tuple[int, int, int, str]] = {}
         for part in chunks(list(paths), 900):
             marks = ",".join("?" * len(part))
-            rows = self.conn.execute(f"SELECT path, size, mtime_ns, inode, hash FROM files WHERE path IN ({marks})", part)
+            rows = self.conn.execute(
+                f"SELECT path, size, mtime_ns, inode, hash FROM files WHERE path IN ({marks})", part)
             out.update((r[0], r[1:]) for r in rows)
         return out
 

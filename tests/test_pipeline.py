@@ -127,7 +127,7 @@ def test_duplicates_are_embedded_once_and_bad_files_skipped(tmp_path, clip_path)
     assert result.hashes[a] == result.hashes[b] and set(result.hashes) == {a, b, c}
     assert [s.path for s in result.skipped] == [broken]
     summary = result.summary("tiny")
-    assert "Embedded 2 images" in summary and "0 cached" in summary and "1 skipped" in summary
+    assert "Embedded 2 images with tiny (0 cached, 1 skipped)" in summary
     assert "img/s" in summary
 
 
