@@ -37,10 +37,16 @@ class TrainConfig:
 
 
 class HeadMLP(nn.Module):
-    """input_dim -> 256 (ReLU, Dropout 0.3) -> 128 (ReLU, Dropout 0.2) -> 1 or N logits."""
+    """input_dim -> 256 (ReLU, Dropout 0.3) -> 128 (ReLU, Dropout 0.2) -> 1 or N logits.
+
+    It takes raw backbone vectors: forward() L2-normalises them, subtracts the
+    training mean (the `input_mean` buffer, saved in the state dict) and scales
+    by sqrt(input_dim), so a checkpoint needs nothing else to be used.
+    """
 
     def __init__(self, input_dim: int, outputs: int):
         super().__init__()
+        self.register_buffer("input_mean", torch.zeros(input_dim))
         self.net = nn.Sequential(
             nn.Linear(input_dim, 256), nn.ReLU(), nn.Dropout(0.3),
             nn.Linear(256, 128), nn.ReLU(), nn.Dropout(0.2),
@@ -48,14 +54,15 @@ class HeadMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return self.net((x - self.input_mean) * math.sqrt(x.shape[1]))
 
 
 def prepare_inputs(vectors: np.ndarray) -> torch.Tensor:
-    """What a head sees: each vector L2-normalised, then scaled by sqrt(dim).
+    """Vectors as float32, L2-normalised and scaled by sqrt(dim): unit RMS per feature.
 
-    Backbones differ wildly in vector scale (CLIP ~10, DINOv2 ~50, CNN pools ~1);
-    this puts every feature at unit RMS so the seed's lr and init work for all.
+    Backbones differ wildly in vector scale (CLIP ~10, DINOv2 ~50, CNN pools ~1).
+    HeadMLP applies this itself (plus centring); other head kinds share it.
     """
     x = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
     x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -157,7 +164,7 @@ class TrainedHead:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
         self.module.eval()
         with torch.inference_mode():
-            logits = self.module(prepare_inputs(vectors))
+            logits = self.module(torch.as_tensor(vectors))
         if self.type == "binary":
             p = torch.sigmoid(logits[:, 0]).numpy()
             return np.stack([1 - p, p], axis=1)
@@ -194,6 +201,8 @@ def _fit(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_va
     binary = n_classes == 2
     torch.manual_seed(config.seed)
     module = HeadMLP(x_train.shape[1], 1 if binary else n_classes)
+    unit = x_train / x_train.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    module.input_mean.copy_(unit.mean(dim=0))
     optimiser = torch.optim.Adam(module.parameters(), lr=config.lr)
     w = torch.as_tensor(weights)
 
@@ -205,8 +214,12 @@ def _fit(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_va
         sw = w[y]
         return (raw * sw).sum() / sw.sum().clamp_min(1e-12)
 
+    def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+        pred = (logits[:, 0] >= 0).long() if binary else logits.argmax(dim=1)
+        return float((pred == y).float().mean())
+
     generator = torch.Generator().manual_seed(config.seed)
-    best_state, best_loss = None, math.inf
+    best_state, best_key = None, (-math.inf, -math.inf)
     for _ in range(config.epochs):
         module.train()
         order = torch.randperm(len(x_train), generator=generator)
@@ -218,9 +231,11 @@ def _fit(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_va
             optimiser.step()
         module.eval()
         with torch.no_grad():
-            val_loss = float(loss_fn(module(x_val), y_val))
-        if val_loss < best_loss:  # keep the weights of the best validation epoch
-            best_loss = val_loss
+            logits = module(x_val)
+            # best validation epoch: highest accuracy, ties to the lower loss (loss alone stops too early)
+            key = (accuracy(logits, y_val), -float(loss_fn(logits, y_val)))
+        if key > best_key:
+            best_key = key
             best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
     if best_state is not None:
         module.load_state_dict(best_state)
@@ -251,10 +266,15 @@ def train_head(head_name: str, classes: list[str], vectors: np.ndarray, labels: 
     val_on_train = len(val_idx) == 0
     if val_on_train:
         val_idx = train_idx
-    x = prepare_inputs(vectors)
+    x = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
     y = torch.as_tensor(labels)
     weights = class_weights(labels[train_idx], n_classes)
-    module = _fit(x[train_idx], y[train_idx], x[val_idx], y[val_idx], n_classes, weights, config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a small MLP trains faster on one thread than on contended cores
+    try:
+        module = _fit(x[train_idx], y[train_idx], x[val_idx], y[val_idx], n_classes, weights, config)
+    finally:
+        torch.set_num_threads(threads)
     with torch.no_grad():
         logits = module(x[val_idx])
     y_val = labels[val_idx]

@@ -25,7 +25,7 @@ def test_binary_checkpoint_layout_and_weights_only(tmp_path):
     assert set(ck["metadata"]) == {"head", "created_at", "metrics"}
     assert set(ck["metadata"]["metrics"]) == {"accuracy", "precision", "recall", "f1"}
     assert ck["metadata"]["metrics"]["accuracy"] > 0.9
-    assert list(ck["model_state_dict"]) == [k for k in HeadMLP(16, 1).state_dict()]
+    assert list(ck["model_state_dict"]) == ["input_mean", *[f"net.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")]]
     path = tmp_path / "out" / "h.pt"
     save_checkpoint(ck, path)
     assert [p.name for p in path.parent.iterdir()] == ["h.pt"]  # no temp file left behind
