@@ -162,12 +162,14 @@ def embed(obj, head, device, batch_size, workers) -> None:
 @click.option("--epochs", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the split and the weights.")
+@click.option("--kind", type=click.Choice(["mlp", "prototype"]), default="mlp", show_default=True,
+              help="mlp: the seed's trained MLP. prototype: one mean vector per class, cosine similarity.")
 @embed_options
 @click.pass_obj
 @user_errors
-def train(obj, head, threshold, epochs, lr, seed, device, batch_size, workers) -> None:
+def train(obj, head, threshold, epochs, lr, seed, kind, device, batch_size, workers) -> None:
     """Embed, then train heads and write out/<head>.pt."""
-    config = TrainConfig(epochs=epochs, lr=lr, seed=seed, threshold=threshold)
+    config = TrainConfig(epochs=epochs, lr=lr, seed=seed, threshold=threshold, kind=kind)
     failed = 0
     with _context(obj, device, batch_size, workers) as c:
         names = head_names(c, head)
@@ -193,7 +195,8 @@ def train(obj, head, threshold, epochs, lr, seed, device, batch_size, workers) -
                 score = f"accuracy {m['accuracy']:.2f}, macro F1 {macro:.2f}"
             where = os.path.relpath(r.checkpoint_path) if not str(os.path.relpath(r.checkpoint_path)).startswith("..") \
                 else str(r.checkpoint_path)
-            click.echo(f"Trained {name} ({r.head_type}, {len(r.classes)} classes, {r.images} images: "
+            shown_type = r.head_type + (" prototype" if kind == "prototype" else "")
+            click.echo(f"Trained {name} ({shown_type}, {len(r.classes)} classes, {r.images} images: "
                        f"{r.train_count} train / {r.val_count} validation): {score} -> {where}")
     if failed:
         sys.exit(1)

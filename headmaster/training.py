@@ -12,6 +12,7 @@ from headmaster.context import Context
 from headmaster.errors import HeadmasterError
 from headmaster.heads import TrainConfig, save_checkpoint, train_head
 from headmaster.pipeline import EmbedResult, Skipped, embed_paths, vectors_for
+from headmaster.prototypes import train_prototypes
 from headmaster.store import Model
 from headmaster.workspace import LabelledSet
 
@@ -131,7 +132,10 @@ def train_one(ctx: Context, head: str, config: TrainConfig = TrainConfig()) -> T
     if matrix.shape[1] != model.embed_dim:
         raise HeadmasterError(f"cached vectors have {matrix.shape[1]} dimensions, model '{model.name}' "
                               f"is registered with {model.embed_dim}")
-    outcome = train_head(head, classes, matrix, np.array(labels), sources, model.name, config)
+    if config.kind == "prototype":
+        outcome = train_prototypes(head, classes, matrix, np.array(labels), sources, model.name, config)
+    else:
+        outcome = train_head(head, classes, matrix, np.array(labels), sources, model.name, config)
     path = ctx.workspace.checkpoint_path(head)
     save_checkpoint(outcome.checkpoint, path)
     if outcome.val_on_train:
