@@ -16,6 +16,7 @@ from headmaster.errors import HeadmasterError
 from headmaster.evaluation import confusion_matrix, format_confusion
 from headmaster.heads import TrainConfig
 from headmaster.pipeline import Skipped
+from headmaster.repeated import evaluate_head, format_evaluation, parse_kinds, plot_evaluation
 from headmaster.sorting import classify_folder
 from headmaster.training import embed_heads, head_names, train_one
 
@@ -275,6 +276,32 @@ def clean(obj, head) -> None:
     with _context(obj) as c:
         removed = checkpoints.clean_checkpoints(c.workspace, head)
     click.echo(f"Removed {len(removed)} checkpoint(s)" + "".join(f"\n  {p.name}" for p in removed))
+
+# -- evaluation -------------------------------------------------------------------
+
+@cli.command()
+@click.option("--head", required=True, help="Head to evaluate (its images in heads/<head>/).")
+@click.option("--repeats", type=click.IntRange(min=2), default=20, show_default=True,
+              help="Random stratified splits to average over.")
+@click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True, help="Share of each class held out for testing in every split.")
+@click.option("--kind", type=click.Choice(["mlp", "prototype", "logreg", "all"]), default="all", show_default=True,
+              help="Which head kind(s) to measure; logreg is a plain logistic-regression baseline.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the first split (then seed+1, ...).")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Write the cumulative accuracy function as a PNG here.")
+@embed_options
+@click.pass_obj
+@user_errors
+def evaluate(obj, head, repeats, test_size, kind, seed, plot, device, batch_size, workers) -> None:
+    """Mean test accuracy with a 95% interval over repeated random splits of a head's images."""
+    with _context(obj, device, batch_size, workers) as c:
+        ev = evaluate_head(c, head, parse_kinds(kind), repeats, test_size, seed)
+        _print_skipped(ev.skipped, c.workspace.root)
+        click.echo(format_evaluation(ev))
+        if plot:
+            plot_evaluation(ev, Path(plot))
+            click.echo(f"Wrote {plot}")
 
 
 def main() -> None:
