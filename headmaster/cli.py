@@ -11,6 +11,7 @@ from typing import Callable
 import click
 
 from headmaster import checkpoints, registry, status as status_mod
+from headmaster.calibration import calibrate_head, format_calibration, plot_calibration
 from headmaster.context import Context, EmbedOptions
 from headmaster.errors import HeadmasterError
 from headmaster.evaluation import confusion_matrix, format_confusion
@@ -301,6 +302,36 @@ def evaluate(obj, head, repeats, test_size, kind, seed, plot, device, batch_size
         click.echo(format_evaluation(ev))
         if plot:
             plot_evaluation(ev, Path(plot))
+            click.echo(f"Wrote {plot}")
+
+@cli.command()
+@click.option("--head", required=True, help="Trained head to calibrate.")
+@click.option("--target-precision", type=click.FloatRange(0, 1), default=None,
+              help="Binary: the threshold with the most recall whose out-of-fold precision reaches this.")
+@click.option("--target-recall", type=click.FloatRange(0, 1), default=None,
+              help="Binary: the threshold with the most precision whose out-of-fold recall reaches this.")
+@click.option("--f1", "best_f1", is_flag=True, help="Binary: the threshold with the best out-of-fold F1.")
+@click.option("--min-confidence", type=click.FloatRange(0, 1), default=None,
+              help="Multi-class: store this cut (top probability below it goes to uncertain/).")
+@click.option("--repeats", type=click.IntRange(min=2), default=10, show_default=True,
+              help="Random stratified splits whose test scores are pooled.")
+@click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Write the precision/recall curve (binary) or the confidence-cut curve as a PNG here.")
+@embed_options
+@click.pass_obj
+@user_errors
+def calibrate(obj, head, target_precision, target_recall, best_f1, min_confidence, repeats, test_size, seed, plot,
+              device, batch_size, workers) -> None:
+    """Show the threshold trade-off from out-of-fold scores; store a chosen threshold or cut in the checkpoint."""
+    with _context(obj, device, batch_size, workers) as c:
+        cal = calibrate_head(c, head, target_precision, target_recall, best_f1, min_confidence, repeats, test_size,
+                             seed)
+        click.echo(format_calibration(cal))
+        if plot:
+            plot_calibration(cal, Path(plot))
             click.echo(f"Wrote {plot}")
 
 
