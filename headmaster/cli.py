@@ -12,6 +12,7 @@ import click
 
 from headmaster import checkpoints, registry, status as status_mod
 from headmaster.calibration import calibrate_head, format_calibration, plot_calibration
+from headmaster.comparison import compare_models, format_comparison
 from headmaster.context import Context, EmbedOptions
 from headmaster.errors import HeadmasterError
 from headmaster.evaluation import confusion_matrix, format_confusion
@@ -333,6 +334,26 @@ def calibrate(obj, head, target_precision, target_recall, best_f1, min_confidenc
         if plot:
             plot_calibration(cal, Path(plot))
             click.echo(f"Wrote {plot}")
+
+@cli.command("compare-models")
+@click.option("--head", required=True, help="Head whose images decide.")
+@click.option("--models", default=None, metavar="A,B,C", help="Registered models to compare (default: all).")
+@click.option("--kind", type=click.Choice(["mlp", "prototype", "logreg"]), default="mlp", show_default=True,
+              help="Head kind measured on every model's vectors.")
+@click.option("--repeats", type=click.IntRange(min=2), default=10, show_default=True)
+@click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@embed_options
+@click.pass_obj
+@user_errors
+def compare_models_cmd(obj, head, models, kind, repeats, test_size, seed, device, batch_size, workers) -> None:
+    """Embed the head with every registered model and rank them: accuracy ± interval, ms/image, size."""
+    names = [n.strip() for n in models.split(",") if n.strip()] if models else None
+    with _context(obj, device, batch_size, workers) as c:
+        result = compare_models(c, head, names, kind, repeats, test_size, seed)
+        _print_skipped(result.skipped, c.workspace.root)
+        click.echo(format_comparison(result))
 
 
 def main() -> None:
