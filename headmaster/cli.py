@@ -15,7 +15,7 @@ from headmaster.calibration import calibrate_head, format_calibration, plot_cali
 from headmaster.comparison import compare_models, format_comparison
 from headmaster.context import Context, EmbedOptions
 from headmaster.errors import HeadmasterError
-from headmaster.evaluation import confusion_matrix, format_confusion
+from headmaster.evaluation import confusion_matrix, format_confusion, plot_confusion
 from headmaster.heads import TrainConfig
 from headmaster.pipeline import Skipped
 from headmaster.repeated import evaluate_head, format_evaluation, parse_kinds, plot_evaluation
@@ -245,15 +245,19 @@ def classify(obj, head, src, dest, device, batch_size, workers) -> None:
 @click.option("--test-dir", type=click.Path(), default=None,
               help="Labelled test folder (default: <workspace>/test/<head>/).")
 @click.option("--extended", is_flag=True, help="List every image as [CORRECT] or [WRONG].")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Also draw the matrix as a PNG here.")
 @embed_options
 @click.pass_obj
 @user_errors
-def confusion_matrix_cmd(obj, head, test_dir, extended, device, batch_size, workers) -> None:
+def confusion_matrix_cmd(obj, head, test_dir, extended, plot, device, batch_size, workers) -> None:
     """Evaluate a trained head on a labelled test set."""
     with _context(obj, device, batch_size, workers) as c:
         result = confusion_matrix(c, head, Path(test_dir) if test_dir else None)
         _print_skipped(result.skipped, c.workspace.root)
         click.echo(format_confusion(result, extended, root=Path.cwd()))
+        if plot:
+            plot_confusion(result, Path(plot))
+            click.echo(f"Wrote {plot}")
 
 
 # -- checkpoints ----------------------------------------------------------------
