@@ -31,7 +31,7 @@ def cumulative_accuracy_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], p
     fig = Figure(figsize=(6, 4.5), constrained_layout=True)
     ax = fig.add_subplot()
     for kind, (shares, accs) in curves.items():
-        ax.step(shares, accs, where="post", label=kind, marker="o", markersize=3)
+        ax.step(shares, accs, where="pre", label=kind, marker="o", markersize=3)
     ax.set_xlabel("share of classes (worst first)")
     ax.set_ylabel("accuracy at or below")
     ax.set_xlim(0, 1)
