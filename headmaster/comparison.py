@@ -48,6 +48,7 @@ class Comparison:
     seed: int
     scores: list[ModelScore] = field(default_factory=list)  # best first
     skipped: list[Skipped] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # model name -> why it could not be measured
 
 
 def time_embedding(model: Model, paths: list[Path], device: str | None = None, batch_size: int | None = None,
@@ -95,12 +96,20 @@ def compare_models(ctx: Context, head: str, models: list[str] | None = None, kin
         chosen = registered
     comparison = Comparison(head, kind, repeats, test_size, seed)
     o = ctx.options
+    ctx.workspace.head(head)  # an unknown head is an error before any model loads
     for model in chosen:
-        hv = head_vectors(ctx, head, model, label=f"Embedding {head} with {model.name}")
+        try:  # one model that cannot load (offline, wrong --dim) must not hide the others
+            hv = head_vectors(ctx, head, model, label=f"Embedding {head} with {model.name}")
+            ev = evaluate_vectors(hv.vectors, hv.labels, hv.classes, [kind], repeats, test_size, seed, head,
+                                  model.name)
+            ms, timed, device = time_embedding(model, hv.paths, o.device, o.batch_size, sample)
+        except HeadmasterError as e:
+            comparison.failed[model.name] = str(e)
+            continue
         comparison.skipped.extend(s for s in hv.embed.skipped if s not in comparison.skipped)
-        ev = evaluate_vectors(hv.vectors, hv.labels, hv.classes, [kind], repeats, test_size, seed, head, model.name)
-        ms, timed, device = time_embedding(model, hv.paths, o.device, o.batch_size, sample)
         comparison.scores.append(ModelScore(model, ev.results[0], ms, timed, hv.embed.embedded, len(hv.labels), device))
+    if not comparison.scores:
+        raise HeadmasterError("no model could be measured: " + "; ".join(comparison.failed.values()))
     comparison.scores.sort(key=lambda s: (-s.result.accuracy.mean, s.ms_per_image))
     return comparison
 
@@ -122,6 +131,8 @@ def format_comparison(c: Comparison) -> str:
     for r in rows:
         lines.append("  ".join(v.rjust(w) if 3 <= i <= 4 else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
                      .rstrip())
+    for name, why in c.failed.items():
+        lines.append(f"Not measured: {name}: {why}")
     if len(c.scores) > 1:
         a, b = c.scores[0], c.scores[1]
         overlap = a.result.accuracy.low <= b.result.accuracy.high

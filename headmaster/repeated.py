@@ -382,8 +382,12 @@ def format_evaluation(ev: Evaluation, caf_points: int = 10) -> str:
     lines += ["", f"Per-class accuracy, pooled over all {ev.repeats} test splits, worst first (by {kinds[0]}):"]
     rows = [["CLASS", *[k.upper() for k in kinds], "TESTED"]]
     for c in order:
-        rows.append([c, *[f"{r.class_accuracy[c]:.3f}" for r in ev.results], str(ev.results[0].class_tested[c])])
+        rows.append([c, *["—" if math.isnan(r.class_accuracy[c]) else f"{r.class_accuracy[c]:.3f}"
+                          for r in ev.results], str(ev.results[0].class_tested[c])])
     lines += ["  " + s for s in _table(rows, right=set(range(1, len(kinds) + 2)))]
+    untested = [c for c in order if ev.results[0].class_tested[c] == 0]
+    if untested:
+        lines.append(f"  (never tested: {', '.join(untested)} has a single image, which always stays in training)")
     lines += ["", "Cumulative accuracy function: the given share of classes has accuracy at or below the value:"]
     rows = [["SHARE", *[k.upper() for k in kinds]]]
     points = min(caf_points, len(ev.classes))

@@ -260,6 +260,16 @@ def test_compare_models_ranks_signal_above_blind(clip_ctx, colour_head, blind_cl
         compare_models(clip_ctx, "colour", ["nope"])
 
 
+def test_compare_models_reports_a_model_that_cannot_load(clip_ctx, colour_head, tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    add_model(clip_ctx.store, "broken", str(broken), 24)
+    result = compare_models(clip_ctx, "colour", kind="prototype", repeats=2)
+    assert [s.model.name for s in result.scores] == ["tiny-clip"]
+    assert "broken" in result.failed and "Not measured: broken: cannot load model" in format_comparison(result)
+
+
 def test_compare_models_cli(clip_ctx, colour_head, workspace):
     result = invoke(workspace, "compare-models", "--head", "colour", "--models", "tiny-clip", "--kind", "logreg",
                     "--repeats", "3")
