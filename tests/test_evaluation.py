@@ -310,3 +310,23 @@ def test_train_kind_prototype_and_confusion_plot(clip_ctx, colour_head, workspac
     assert result.exit_code == 0, result.output
     assert "Accuracy: 8/8 (100.0%)" in result.output
     assert_png(plot)
+
+
+def test_a_single_image_class_is_reported_as_never_tested():
+    x, y = blobs([12, 12, 1])
+    ev = evaluate_vectors(x, y, ["a", "b", "lonely"], ["prototype"], repeats=2)
+    assert ev.results[0].class_tested["lonely"] == 0
+    assert "never tested: lonely" in format_evaluation(ev)
+
+
+def test_calibrate_refuses_binary_options_for_multiclass_heads(clip_ctx, workspace):
+    head = workspace / "heads" / "colour"
+    for i, colour in enumerate(["red", "blue", "green"]):
+        fill_bucket(head / colour, colour, 6, 100 * i)
+    result = invoke(workspace, "calibrate", "--head", "colour")
+    assert result.exit_code == 1 and "is not trained yet" in result.output
+    train_one(clip_ctx, "colour", TrainConfig(kind="prototype"))
+    result = invoke(workspace, "calibrate", "--head", "colour", "--target-precision", "0.9")
+    assert result.exit_code == 1 and "Error: --target-precision, --target-recall and --f1 are for binary" in result.output
+    both = invoke(workspace, "calibrate", "--head", "colour", "--f1", "--target-recall", "0.8")
+    assert both.exit_code == 1 and "choose one of" in both.output
