@@ -165,8 +165,10 @@ def embed(obj, head, device, batch_size, workers) -> None:
 @click.option("--epochs", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the split and the weights.")
-@click.option("--kind", type=click.Choice(["mlp", "prototype"]), default="mlp", show_default=True,
-              help="mlp: the seed's trained MLP. prototype: one mean vector per class, cosine similarity.")
+@click.option("--kind", type=click.Choice(["mlp", "prototype"]), default=None,
+              help="mlp: the seed's trained MLP. prototype: one mean vector per class, cosine similarity, "
+                   "no training (--epochs and --lr do not apply). Default: the kind of the head's current "
+                   "checkpoint, else mlp.")
 @embed_options
 @click.pass_obj
 @user_errors
@@ -198,7 +200,7 @@ def train(obj, head, threshold, epochs, lr, seed, kind, device, batch_size, work
                 score = f"accuracy {m['accuracy']:.2f}, macro F1 {macro:.2f}"
             where = os.path.relpath(r.checkpoint_path) if not str(os.path.relpath(r.checkpoint_path)).startswith("..") \
                 else str(r.checkpoint_path)
-            shown_type = r.head_type + (" prototype" if kind == "prototype" else "")
+            shown_type = r.head_type + (" prototype" if r.kind == "prototype" else "")
             click.echo(f"Trained {name} ({shown_type}, {len(r.classes)} classes, {r.images} images: "
                        f"{r.train_count} train / {r.val_count} validation): {score} -> {where}")
     if failed:

@@ -35,7 +35,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     seed: int = 0
     threshold: float | None = None  # binary only: overrides the F1 sweep
-    kind: str = "mlp"  # "mlp" (trained) or "prototype" (class means, see prototypes.py)
+    kind: str | None = None  # "mlp" or "prototype" (prototypes.py); None: keep the checkpoint's kind, else mlp
 
 
 class HeadMLP(nn.Module):

@@ -310,6 +310,11 @@ def test_train_kind_prototype_and_confusion_plot(clip_ctx, colour_head, workspac
     assert result.exit_code == 0, result.output
     assert "Accuracy: 8/8 (100.0%)" in result.output
     assert_png(plot)
+    again = invoke(workspace, "train", "--head", "colour")  # no --kind: keeps the checkpoint's kind
+    assert "Trained colour (binary prototype," in again.output
+    switched = invoke(workspace, "train", "--head", "colour", "--kind", "mlp", "--epochs", "3")
+    assert "Trained colour (binary, 2 classes" in switched.output
+    assert read_checkpoint(clip_ctx.workspace.checkpoint_path("colour"))["kind"] == "mlp"
 
 
 def test_a_single_image_class_is_reported_as_never_tested():
