@@ -323,8 +323,8 @@ def evaluate(obj, head, repeats, test_size, kind, seed, plot, device, batch_size
 @click.option("--repeats", type=click.IntRange(min=2), default=10, show_default=True,
               help="Random stratified splits whose test scores are pooled.")
 @click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
-              show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+              show_default=True, help="Share of each class held out in every split.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the first split (then seed+1, ...).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Write the precision/recall curve (binary) or the confidence-cut curve as a PNG here.")
 @embed_options
@@ -346,10 +346,11 @@ def calibrate(obj, head, target_precision, target_recall, best_f1, min_confidenc
 @click.option("--models", default=None, metavar="A,B,C", help="Registered models to compare (default: all).")
 @click.option("--kind", type=click.Choice(["mlp", "prototype", "logreg"]), default="mlp", show_default=True,
               help="Head kind measured on every model's vectors.")
-@click.option("--repeats", type=click.IntRange(min=2), default=10, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=2), default=10, show_default=True,
+              help="Random stratified splits per model.")
 @click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
-              show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+              show_default=True, help="Share of each class held out in every split.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the first split (then seed+1, ...).")
 @embed_options
 @click.pass_obj
 @user_errors
