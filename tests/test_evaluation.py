@@ -332,6 +332,7 @@ def test_calibrate_refuses_binary_options_for_multiclass_heads(clip_ctx, workspa
     assert result.exit_code == 1 and "is not trained yet" in result.output
     train_one(clip_ctx, "colour", TrainConfig(kind="prototype"))
     result = invoke(workspace, "calibrate", "--head", "colour", "--target-precision", "0.9")
-    assert result.exit_code == 1 and "Error: --target-precision, --target-recall and --f1 are for binary" in result.output
+    assert result.exit_code == 1
+    assert "Error: --target-precision, --target-recall and --f1 are for binary" in result.output
     both = invoke(workspace, "calibrate", "--head", "colour", "--f1", "--target-recall", "0.8")
     assert both.exit_code == 1 and "choose one of" in both.output
