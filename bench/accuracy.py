@@ -46,8 +46,10 @@ def link_tree(src: Path, dst: Path) -> None:
             (dst / cls.name / f.name).symlink_to(f.resolve())
 
 
-def probe(workspace: Path, model_name: str) -> tuple[float, int]:
-    """LogisticRegression on the cached vectors (same L2 normalisation the head uses)."""
+def probe(workspace: Path, model_name: str, seeds: list[int]) -> tuple[float, list[float], int]:
+    """LogisticRegression on the cached vectors (L2-normalised), on all training images and on
+    the same 80% split that `hm train --seed S` trains on."""
+    from headmaster.heads import stratified_split
     from sklearn.linear_model import LogisticRegression
 
     conn = sqlite3.connect(workspace / "headmaster.db")
@@ -69,8 +71,15 @@ def probe(workspace: Path, model_name: str) -> tuple[float, int]:
 
     xtr, ytr = load(workspace / "heads" / "clothing")
     xte, yte = load(workspace / "test" / "clothing")
-    clf = LogisticRegression(max_iter=3000, C=10.0).fit(xtr, ytr)
-    return float((clf.predict(xte) == yte).mean()), len(yte)
+    full = LogisticRegression(max_iter=3000, C=10.0).fit(xtr, ytr)
+    classes = sorted(set(ytr))
+    labels = np.array([classes.index(c) for c in ytr])
+    split = []
+    for seed in seeds:
+        train_idx, _ = stratified_split(labels, 0.2, seed)
+        clf = LogisticRegression(max_iter=3000, C=10.0).fit(xtr[train_idx], ytr[train_idx])
+        split.append(float((clf.predict(xte) == yte).mean()))
+    return float((full.predict(xte) == yte).mean()), split, len(yte)
 
 
 def main() -> None:
@@ -78,6 +87,7 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out" / "accuracy")
     parser.add_argument("--keep", action="store_true", help="reuse the workdir (embeddings stay cached)")
+    parser.add_argument("--seeds", type=int, default=5, help="train the head with seeds 0..N-1")
     args = parser.parse_args()
     data = args.shared / "data" / "clothing"
     model = args.shared / "models" / "efficientnet-lite0"
@@ -91,16 +101,21 @@ def main() -> None:
         link_tree(data / "validation", ws / "test" / "clothing")
         hm(["model-add", "--name", "lite0", "--path", str(model), "--dim", "1280"], ws)
     hm(["embed"], ws)
-    hm(["train", "--head", "clothing"], ws)
-    out = hm(["confusion-matrix", "--head", "clothing", "--test-dir", str(ws / "test" / "clothing")], ws)
-    m = re.search(r"Accuracy: (\d+)/(\d+)", out)
-    head_acc = int(m.group(1)) / int(m.group(2))
-    probe_acc, n = probe(ws, "lite0")
+    head_accs = []
+    for seed in range(args.seeds):
+        hm(["train", "--head", "clothing", "--seed", str(seed)], ws)
+        out = hm(["confusion-matrix", "--head", "clothing", "--test-dir", str(ws / "test" / "clothing")], ws)
+        m = re.search(r"Accuracy: (\d+)/(\d+)", out)
+        head_accs.append(int(m.group(1)) / int(m.group(2)))
+    probe_full, probe_split, n = probe(ws, "lite0", list(range(args.seeds)))
     print()
-    print(f"| clothing validation ({n} images) | accuracy |")
-    print("|---|---|")
-    print(f"| hm head (seed MLP, 50 epochs, best val epoch) | {head_acc:.3f} |")
-    print(f"| logistic-regression probe (sklearn, C=10) | {probe_acc:.3f} |")
+    print(f"| clothing validation set ({n} images), {args.seeds} seeds (split + init) | mean | per seed |")
+    print("|---|---|---|")
+    print(f"| hm head (seed MLP, `hm train --seed S`, 80% train split) | {np.mean(head_accs):.3f} | "
+          f"{' '.join(f'{a:.3f}' for a in head_accs)} |")
+    print(f"| logistic-regression probe, same 80% split | {np.mean(probe_split):.3f} | "
+          f"{' '.join(f'{a:.3f}' for a in probe_split)} |")
+    print(f"| logistic-regression probe, all training images | {probe_full:.3f} | |")
 
 
 if __name__ == "__main__":

@@ -11,11 +11,14 @@ from typing import Callable
 import click
 
 from headmaster import checkpoints, registry, status as status_mod
+from headmaster.calibration import calibrate_head, format_calibration, plot_calibration
+from headmaster.comparison import compare_models, format_comparison
 from headmaster.context import Context, EmbedOptions
 from headmaster.errors import HeadmasterError
-from headmaster.evaluation import confusion_matrix, format_confusion
+from headmaster.evaluation import confusion_matrix, format_confusion, plot_confusion
 from headmaster.heads import TrainConfig
 from headmaster.pipeline import Skipped
+from headmaster.repeated import evaluate_head, format_evaluation, parse_kinds, plot_evaluation
 from headmaster.sorting import classify_folder
 from headmaster.training import embed_heads, head_names, train_one
 
@@ -162,12 +165,16 @@ def embed(obj, head, device, batch_size, workers) -> None:
 @click.option("--epochs", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the split and the weights.")
+@click.option("--kind", type=click.Choice(["mlp", "prototype"]), default=None,
+              help="mlp: the seed's trained MLP. prototype: one mean vector per class, cosine similarity, "
+                   "no training (--epochs and --lr do not apply). Default: the kind of the head's current "
+                   "checkpoint, else mlp.")
 @embed_options
 @click.pass_obj
 @user_errors
-def train(obj, head, threshold, epochs, lr, seed, device, batch_size, workers) -> None:
+def train(obj, head, threshold, epochs, lr, seed, kind, device, batch_size, workers) -> None:
     """Embed, then train heads and write out/<head>.pt."""
-    config = TrainConfig(epochs=epochs, lr=lr, seed=seed, threshold=threshold)
+    config = TrainConfig(epochs=epochs, lr=lr, seed=seed, threshold=threshold, kind=kind)
     failed = 0
     with _context(obj, device, batch_size, workers) as c:
         names = head_names(c, head)
@@ -193,7 +200,8 @@ def train(obj, head, threshold, epochs, lr, seed, device, batch_size, workers) -
                 score = f"accuracy {m['accuracy']:.2f}, macro F1 {macro:.2f}"
             where = os.path.relpath(r.checkpoint_path) if not str(os.path.relpath(r.checkpoint_path)).startswith("..") \
                 else str(r.checkpoint_path)
-            click.echo(f"Trained {name} ({r.head_type}, {len(r.classes)} classes, {r.images} images: "
+            shown_type = r.head_type + (" prototype" if r.kind == "prototype" else "")
+            click.echo(f"Trained {name} ({shown_type}, {len(r.classes)} classes, {r.images} images: "
                        f"{r.train_count} train / {r.val_count} validation): {score} -> {where}")
     if failed:
         sys.exit(1)
@@ -239,15 +247,19 @@ def classify(obj, head, src, dest, device, batch_size, workers) -> None:
 @click.option("--test-dir", type=click.Path(), default=None,
               help="Labelled test folder (default: <workspace>/test/<head>/).")
 @click.option("--extended", is_flag=True, help="List every image as [CORRECT] or [WRONG].")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Also draw the matrix as a PNG here.")
 @embed_options
 @click.pass_obj
 @user_errors
-def confusion_matrix_cmd(obj, head, test_dir, extended, device, batch_size, workers) -> None:
+def confusion_matrix_cmd(obj, head, test_dir, extended, plot, device, batch_size, workers) -> None:
     """Evaluate a trained head on a labelled test set."""
     with _context(obj, device, batch_size, workers) as c:
         result = confusion_matrix(c, head, Path(test_dir) if test_dir else None)
         _print_skipped(result.skipped, c.workspace.root)
         click.echo(format_confusion(result, extended, root=Path.cwd()))
+        if plot:
+            plot_confusion(result, Path(plot))
+            click.echo(f"Wrote {plot}")
 
 
 # -- checkpoints ----------------------------------------------------------------
@@ -272,6 +284,83 @@ def clean(obj, head) -> None:
     with _context(obj) as c:
         removed = checkpoints.clean_checkpoints(c.workspace, head)
     click.echo(f"Removed {len(removed)} checkpoint(s)" + "".join(f"\n  {p.name}" for p in removed))
+
+# -- evaluation -------------------------------------------------------------------
+
+@cli.command()
+@click.option("--head", required=True, help="Head to evaluate (its images in heads/<head>/).")
+@click.option("--repeats", type=click.IntRange(min=2), default=20, show_default=True,
+              help="Random stratified splits to average over.")
+@click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True, help="Share of each class held out for testing in every split.")
+@click.option("--kind", type=click.Choice(["mlp", "prototype", "logreg", "all"]), default="all", show_default=True,
+              help="Which head kind(s) to measure; logreg is a plain logistic-regression baseline.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the first split (then seed+1, ...).")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Write the cumulative accuracy function as a PNG here.")
+@embed_options
+@click.pass_obj
+@user_errors
+def evaluate(obj, head, repeats, test_size, kind, seed, plot, device, batch_size, workers) -> None:
+    """Mean test accuracy with a 95% interval over repeated random splits of a head's images."""
+    with _context(obj, device, batch_size, workers) as c:
+        ev = evaluate_head(c, head, parse_kinds(kind), repeats, test_size, seed)
+        _print_skipped(ev.skipped, c.workspace.root)
+        click.echo(format_evaluation(ev))
+        if plot:
+            plot_evaluation(ev, Path(plot))
+            click.echo(f"Wrote {plot}")
+
+@cli.command()
+@click.option("--head", required=True, help="Trained head to calibrate.")
+@click.option("--target-precision", type=click.FloatRange(0, 1), default=None,
+              help="Binary: the threshold with the most recall whose out-of-fold precision reaches this.")
+@click.option("--target-recall", type=click.FloatRange(0, 1), default=None,
+              help="Binary: the threshold with the most precision whose out-of-fold recall reaches this.")
+@click.option("--f1", "best_f1", is_flag=True, help="Binary: the threshold with the best out-of-fold F1.")
+@click.option("--min-confidence", type=click.FloatRange(0, 1), default=None,
+              help="Multi-class: store this cut (top probability below it goes to uncertain/).")
+@click.option("--repeats", type=click.IntRange(min=2), default=10, show_default=True,
+              help="Random stratified splits whose test scores are pooled.")
+@click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True, help="Share of each class held out in every split.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the first split (then seed+1, ...).")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Write the precision/recall curve (binary) or the confidence-cut curve as a PNG here.")
+@embed_options
+@click.pass_obj
+@user_errors
+def calibrate(obj, head, target_precision, target_recall, best_f1, min_confidence, repeats, test_size, seed, plot,
+              device, batch_size, workers) -> None:
+    """Show the threshold trade-off from out-of-fold scores; store a chosen threshold or cut in the checkpoint."""
+    with _context(obj, device, batch_size, workers) as c:
+        cal = calibrate_head(c, head, target_precision, target_recall, best_f1, min_confidence, repeats, test_size,
+                             seed)
+        click.echo(format_calibration(cal))
+        if plot:
+            plot_calibration(cal, Path(plot))
+            click.echo(f"Wrote {plot}")
+
+@cli.command("compare-models")
+@click.option("--head", required=True, help="Head whose images decide.")
+@click.option("--models", default=None, metavar="A,B,C", help="Registered models to compare (default: all).")
+@click.option("--kind", type=click.Choice(["mlp", "prototype", "logreg"]), default="mlp", show_default=True,
+              help="Head kind measured on every model's vectors.")
+@click.option("--repeats", type=click.IntRange(min=2), default=10, show_default=True,
+              help="Random stratified splits per model.")
+@click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True, help="Share of each class held out in every split.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the first split (then seed+1, ...).")
+@embed_options
+@click.pass_obj
+@user_errors
+def compare_models_cmd(obj, head, models, kind, repeats, test_size, seed, device, batch_size, workers) -> None:
+    """Embed the head with every registered model and rank them: accuracy ± interval, ms/image, size."""
+    names = [n.strip() for n in models.split(",") if n.strip()] if models else None
+    with _context(obj, device, batch_size, workers) as c:
+        result = compare_models(c, head, names, kind, repeats, test_size, seed)
+        _print_skipped(result.skipped, c.workspace.root)
+        click.echo(format_comparison(result))
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ from headmaster.errors import HeadmasterError
 UNCERTAIN = "uncertain"
 BINARY_MARGIN = 0.1  # binary: within this of the threshold is uncertain
 MULTICLASS_MIN_CONFIDENCE = 0.5  # multi-class: top probability below this is uncertain
+HEAD_KINDS = ("mlp", "prototype")  # checkpoint "kind"; a checkpoint without one is an mlp
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     seed: int = 0
     threshold: float | None = None  # binary only: overrides the F1 sweep
+    kind: str | None = None  # "mlp" or "prototype" (prototypes.py); None: keep the checkpoint's kind, else mlp
 
 
 class HeadMLP(nn.Module):
@@ -130,7 +132,17 @@ class TrainedHead:
     """A head ready to predict, built from a checkpoint dictionary."""
 
     checkpoint: dict[str, Any]
-    module: HeadMLP = field(repr=False)
+    module: nn.Module = field(repr=False)  # HeadMLP or prototypes.PrototypeHead: same logits contract
+
+    @property
+    def kind(self) -> str:
+        return self.checkpoint.get("kind", "mlp")
+
+    @property
+    def min_confidence(self) -> float:
+        """Multi-class uncertainty cut: the checkpoint's `min_confidence` (hm calibrate), else 0.5."""
+        c = self.checkpoint.get("min_confidence")
+        return MULTICLASS_MIN_CONFIDENCE if c is None else float(c)
 
     @property
     def type(self) -> str:
@@ -174,7 +186,8 @@ class TrainedHead:
         """(bucket or 'uncertain', score) per row: the seed's two uncertainty rules.
 
         Binary: the score is the probability of classes[1], uncertain within 0.1 of the
-        threshold. Multi-class: the score is the top probability, uncertain below 0.5.
+        threshold. Multi-class: the score is the top probability, uncertain below
+        `min_confidence` (0.5 unless the checkpoint stores another cut).
         """
         out: list[tuple[str, float]] = []
         for row in probs:
@@ -185,7 +198,7 @@ class TrainedHead:
             else:
                 i = int(np.argmax(row))
                 conf = float(row[i])
-                out.append((UNCERTAIN if conf < MULTICLASS_MIN_CONFIDENCE else self.classes[i], conf))
+                out.append((UNCERTAIN if conf < self.min_confidence else self.classes[i], conf))
         return out
 
     def predict_labels(self, probs: np.ndarray) -> np.ndarray:
@@ -280,6 +293,7 @@ def train_head(head_name: str, classes: list[str], vectors: np.ndarray, labels: 
     y_val = labels[val_idx]
     checkpoint: dict[str, Any] = {
         "type": "binary" if n_classes == 2 else "multiclass",
+        "kind": "mlp",
         "input_dim": int(vectors.shape[1]),
         "model": model_name,
         "model_state_dict": module.state_dict(),
@@ -331,10 +345,26 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_head(path: Path) -> TrainedHead:
-    checkpoint = read_checkpoint(path)
-    outputs = 1 if checkpoint["type"] == "binary" else len(checkpoint["classes"])
-    module = HeadMLP(int(checkpoint["input_dim"]), outputs)
+def head_from_checkpoint(checkpoint: dict[str, Any]) -> TrainedHead:
+    """Rebuild the head a checkpoint describes; `kind` picks the module (missing kind: mlp)."""
+    kind = checkpoint.get("kind", "mlp")
+    if kind not in HEAD_KINDS:
+        raise HeadmasterError(f"unknown head kind '{kind}' in checkpoint (known: {', '.join(HEAD_KINDS)})")
+    n_classes = len(checkpoint["classes"])
+    if kind == "prototype":
+        from headmaster.prototypes import PrototypeHead  # prototypes.py builds on this module
+
+        module: nn.Module = PrototypeHead.empty(int(checkpoint["input_dim"]), n_classes)
+    else:
+        module = HeadMLP(int(checkpoint["input_dim"]), 1 if checkpoint["type"] == "binary" else n_classes)
     module.load_state_dict(checkpoint["model_state_dict"])
     module.eval()
     return TrainedHead(checkpoint, module)
+
+
+def load_head(path: Path) -> TrainedHead:
+    checkpoint = read_checkpoint(path)
+    try:
+        return head_from_checkpoint(checkpoint)
+    except RuntimeError as e:  # a state dict that does not fit its declared shape
+        raise HeadmasterError(f"cannot load checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
