@@ -312,7 +312,11 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def load_head(path: Path) -> TrainedHead:
-    checkpoint = read_checkpoint(path)
+    return head_from_checkpoint(read_checkpoint(path))
+
+
+def head_from_checkpoint(checkpoint: dict[str, Any]) -> TrainedHead:
+    """A TrainedHead from a checkpoint dictionary (read from disk, or fresh from `train_head`)."""
     outputs = 1 if checkpoint["type"] == "binary" else len(checkpoint["classes"])
     module = HeadMLP(int(checkpoint["input_dim"]), outputs)
     module.load_state_dict(checkpoint["model_state_dict"])
