@@ -215,13 +215,14 @@ def status(obj, head) -> None:
     """Show all heads, or one head in detail."""
     with _context(obj) as c:
         if head:
-            click.echo(status_mod.format_status_detail(status_mod.head_status(c.workspace, head),
-                                                       c.workspace.heads_dir))
-            leaks, unknown = indexed_leaks(c.workspace, c.store, head)  # file index only: reads no image
+            detail = status_mod.head_status(c.workspace, head)
+            click.echo(status_mod.format_status_detail(detail, c.workspace.heads_dir))
+            leaks, unknown = indexed_leaks(c.workspace, c.store, head, detail.labelled)  # file index only
             for leak in leaks:
                 click.echo(f"Warning: {leak.describe(c.workspace.root)}")
             if unknown:
-                click.echo(f"Leak check: {unknown} images not hashed yet (`hm embed --head {head}` hashes them)")
+                click.echo(f"Leak check: {unknown} image(s) not hashed yet, not checked (`hm embed --head {head}` "
+                           f"hashes heads/, `hm confusion-matrix --head {head}` test/ too)")
         else:
             click.echo(status_mod.format_status_table(status_mod.all_status(c.workspace)))
 
@@ -296,7 +297,8 @@ def _classify_copy(c: Context, head: str, src: Path, dest: Path | None, dry_run:
     _print_skipped(report.skipped, src)
     if dry_run:
         for d, target in report.placed:
-            click.echo(f"would copy {_shown(d.path)} -> {_shown(target)} ({d.bucket}, {d.score:.2f})")
+            p = d.probabilities.get(d.bucket, d.score)  # the decided bucket's own probability reads best
+            click.echo(f"would copy {_shown(d.path)} -> {_shown(target)} ({d.bucket}, {p:.2f})")
     counts = report.counts()
     summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing"
     click.echo(("Dry run: would classify" if dry_run else "Classified")
@@ -477,8 +479,11 @@ def import_labels(obj, csv_file, images, link, dry_run, skip_bad_rows) -> None:
     """
     ws = Workspace.from_env(obj.get("workspace"))
     plan = read_label_csv(Path(csv_file), Path(images))
-    for problem in plan.problems:
-        _err(f"{csv_file} {problem}")
+    for problem in plan.problems:  # all of them first, so one run shows everything to fix
+        if skip_bad_rows:
+            _warn(f"{csv_file} {problem} (row skipped)")
+        else:
+            _err(f"{csv_file} {problem}")
     report = import_labels_fn(plan, ws.heads_dir, "link" if link else "copy", dry_run, skip_bad_rows)
     if dry_run:
         for p in report.placed:

@@ -18,7 +18,7 @@ from headmaster.context import Context
 from headmaster.errors import HeadmasterError
 from headmaster.pipeline import Skipped, embed_paths, hash_paths, vectors_for
 from headmaster.store import Store
-from headmaster.workspace import Workspace
+from headmaster.workspace import LabelledSet, Workspace
 
 SIMILARITY_CHUNK = 1024  # rows of the similarity matrix computed at once: memory stays flat
 
@@ -51,9 +51,11 @@ class Leak:
         return f"head '{self.head}': the same image is in buckets {' and '.join(self.buckets)}: {names}"
 
 
-def labelled_entries(ws: Workspace, head: str, test_dir: Path | None = None) -> list[Entry]:
-    """Every image of heads/<head>/ and of its test set (test/<head>/ or `test_dir`, when it exists)."""
-    entries = [Entry(p, "heads", b) for p, b in ws.head(head).labelled_images()]
+def labelled_entries(ws: Workspace, head: str, test_dir: Path | None = None,
+                     labelled: LabelledSet | None = None) -> list[Entry]:
+    """Every image of heads/<head>/ (`labelled`, if already scanned) and of its test set (test/<head>/ or
+    `test_dir`, when it exists)."""
+    entries = [Entry(p, "heads", b) for p, b in (labelled or ws.head(head)).labelled_images()]
     test_path = Path(test_dir) if test_dir else ws.test_dir / head
     if test_path.is_dir():
         entries += [Entry(p, "test", b) for p, b in ws.test_set(head, test_path).labelled_images()]
@@ -99,9 +101,10 @@ def indexed_hashes(store: Store, paths: list[Path]) -> dict[Path, str]:
     return out
 
 
-def indexed_leaks(ws: Workspace, store: Store, head: str) -> tuple[list[Leak], int]:
+def indexed_leaks(ws: Workspace, store: Store, head: str, labelled: LabelledSet | None = None
+                  ) -> tuple[list[Leak], int]:
     """Leaks found from the file index alone, and how many images it does not know yet (not checked)."""
-    entries = labelled_entries(ws, head)
+    entries = labelled_entries(ws, head, labelled=labelled)
     hashes = indexed_hashes(store, [e.path for e in entries])
     return leaks_among(head, entries, hashes), len(entries) - len(hashes)
 

@@ -160,7 +160,7 @@ def test_image_copied_into_test_is_a_leak(trained):
     shutil.copy(head / "red" / "red_003.png", test / "red" / "copied.png")
     # status reads no file: a test image it has never hashed is counted, not checked
     r = hm(trained, "status", "--head", "leaky")
-    assert r.exit_code == 0 and "Warning: leak" not in r.stdout and "1 images not hashed yet" in r.stdout
+    assert r.exit_code == 0 and "Warning: leak" not in r.stdout and "1 image(s) not hashed yet" in r.stdout
 
     r = hm(trained, "confusion-matrix", "--head", "leaky")
     assert r.exit_code == 0, r.output
