@@ -403,3 +403,18 @@ def test_output_writer_flattens_for_csv_and_keeps_json_nested():
     assert render(rows, "csv") == "image,hue_red,hue_prediction\na.png,0.2500,red\n"
     assert json.loads(render(rows, "json")) == rows
     assert render(rows, "table").splitlines()[0].split() == ["IMAGE", "HUE_RED", "HUE_PREDICTION"]
+
+
+def test_removing_a_model_drops_its_mirrored_vectors_too(tmp_path):
+    import numpy as np
+
+    from headmaster.store import Store
+
+    with Store(tmp_path / "hm.db") as store:
+        model = store.add_model("m", "/nowhere", 3)
+        store.put_vectors(model.id, [("h1", np.ones(3))])
+        store.put_vectors(model.id, [("h1", np.zeros(3)), ("h2", np.ones(3))], flipped=True)
+        assert set(store.vectors(model.id, ["h1", "h2"], flipped=True)) == {"h1", "h2"}
+        assert store.vectors(model.id, ["h1"])["h1"].tolist() == [1.0, 1.0, 1.0]  # the two caches stay apart
+        assert store.remove_model("m") == 1
+        assert store.conn.execute("SELECT COUNT(*) FROM flip_embeddings").fetchone()[0] == 0
