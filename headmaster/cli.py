@@ -406,6 +406,9 @@ def rank(obj, head, src, bucket, limit, reverse, tta, fmt, device, batch_size, w
     with _context(obj, device, batch_size, workers) as c:
         report = rank_folder(c, head, Path(src), bucket, limit, reverse, tta)
         _print_skipped(report.skipped, Path(src))
+        if not report.ranked and fmt == "table":
+            click.echo(f"No images to rank in {src}")
+            return
         write_rows(rank_rows(report), fmt, sys.stdout)
 
 

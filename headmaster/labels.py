@@ -185,17 +185,29 @@ def _check_row(line: int, cells: list[str], heads: list[str], images_dir: Path, 
 
 
 def _already_there(source: Path, folder: Path) -> Path | None:
-    """The file in `folder` with the source's name that already holds the same content (re-runs add nothing)."""
-    existing = folder / source.name
-    if not existing.is_file():
-        return None
-    try:
-        if os.path.samefile(existing, source):
-            return existing
-        if existing.stat().st_size == source.stat().st_size and file_sha256(existing) == file_sha256(source):
-            return existing
-    except OSError:
-        return None
+    """A file in `folder` named like the source (`name`, `stem_1.ext`, ...) that holds the same content.
+
+    Re-running an import then adds nothing, even where a clash gave the file a `_N` name.
+    """
+    stem, suffix = os.path.splitext(source.name)
+    candidates = [folder / source.name]
+    n = 1
+    while (folder / f"{stem}_{n}{suffix}").exists():
+        candidates.append(folder / f"{stem}_{n}{suffix}")
+        n += 1
+    digest = None
+    for existing in candidates:
+        try:
+            if not existing.is_file():
+                continue
+            if os.path.samefile(existing, source):
+                return existing
+            if existing.stat().st_size == source.stat().st_size:
+                digest = digest or file_sha256(source)
+                if file_sha256(existing) == digest:
+                    return existing
+        except OSError:
+            continue
     return None
 
 
