@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
+from PIL import ImageOps
 from tqdm import tqdm
 
 from headmaster.embedders import Embedder, get_embedder
@@ -135,12 +136,14 @@ def hash_paths(store: Store, paths: list[Path], workers: int | None = None) -> t
     return hashes, skipped, len(to_read)
 
 
-def _prepare(embedder: Embedder) -> Callable[[Path], np.ndarray | ImageError]:
+def _prepare(embedder: Embedder, flip: bool = False) -> Callable[[Path], np.ndarray | ImageError]:
     side = embedder.input_side
 
     def prepare(path: Path) -> np.ndarray | ImageError:
         try:
             image = load_image(path, min_side=side)
+            if flip:
+                image = ImageOps.mirror(image)
             return embedder.preprocess([image])[0]
         except ImageError as e:
             return e
@@ -161,18 +164,21 @@ def embed_paths(
     progress: bool | None = None,
     label: str = "Embedding",
     embedder: Embedder | None = None,
+    flip: bool = False,
 ) -> EmbedResult:
     """Make sure every readable image in `paths` has a cached vector for `model`.
 
     Identical contents are embedded once. Unreadable files are listed in
-    `skipped` with their reason; they are never modified or removed.
+    `skipped` with their reason; they are never modified or removed. With
+    `flip`, the image is mirrored left-right before preprocessing and the vector
+    goes to the separate flipped cache (test-time augmentation).
     """
     started = time.perf_counter()
     paths = list(dict.fromkeys(Path(p) for p in paths))
     workers = workers or default_workers()
     result = EmbedResult()
     hashes, result.skipped, result.hashed = hash_paths(store, paths, workers)
-    cached = store.cached_hashes(model.id, hashes.values())
+    cached = store.cached_hashes(model.id, hashes.values(), flipped=flip)
     todo: dict[str, Path] = {}
     for p, h in hashes.items():
         if h in cached:
@@ -191,13 +197,13 @@ def embed_paths(
         def flush() -> None:
             pixels = np.stack([px for _, px in batch])
             vectors = embedder.embed_pixels(pixels)
-            store.put_vectors(model.id, zip((h for h, _ in batch), vectors))
+            store.put_vectors(model.id, zip((h for h, _ in batch), vectors), flipped=flip)
             result.embedded += len(batch)
             bar.update(len(batch))
             batch.clear()
 
         depth = max(2 * batch_size, 4 * workers)
-        prepare = _prepare(embedder)
+        prepare = _prepare(embedder, flip)
         for (h, _), prepared in ordered_map(lambda item: prepare(item[1]), todo.items(), workers, depth):
             if isinstance(prepared, ImageError):
                 bad[h] = str(prepared)
@@ -219,7 +225,7 @@ def embed_paths(
     return result
 
 
-def vectors_for(store: Store, model: Model, hashes: dict[Path, str]) -> dict[Path, np.ndarray]:
+def vectors_for(store: Store, model: Model, hashes: dict[Path, str], flipped: bool = False) -> dict[Path, np.ndarray]:
     """Cached vectors for the given path -> hash mapping (paths without a vector are left out)."""
-    found = store.vectors(model.id, hashes.values())
+    found = store.vectors(model.id, hashes.values(), flipped=flipped)
     return {p: found[h] for p, h in hashes.items() if h in found}
