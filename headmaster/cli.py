@@ -274,6 +274,28 @@ def clean(obj, head) -> None:
     click.echo(f"Removed {len(removed)} checkpoint(s)" + "".join(f"\n  {p.name}" for p in removed))
 
 
+# -- daemon config ----------------------------------------------------------------
+
+@cli.group("config")
+def config_group() -> None:
+    """The daemon's config file (config.toml)."""
+
+
+@config_group.command("init")
+@click.option("--path", "path", type=click.Path(dir_okay=False), default=None,
+              help="Where to write it (default: <workspace>/config.toml).")
+@click.pass_obj
+@user_errors
+def config_init_cmd(obj, path) -> None:
+    """Write a starting config with every key at its default (never overwrites)."""
+    from headmaster.config import CONFIG_NAME, config_init
+    from headmaster.workspace import Workspace
+
+    target = Path(path) if path else Workspace.from_env(obj.get("workspace")).root / CONFIG_NAME
+    written = config_init(target, obj.get("workspace"))
+    click.echo(f"Wrote {written}")
+
+
 def main() -> None:
     cli(prog_name="hm")
 
