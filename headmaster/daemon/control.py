@@ -54,11 +54,21 @@ def _serve_connection(conn: socket.socket, handler: Handler, on_bad_request: Cal
                 if len(line) > MAX_REQUEST_BYTES:
                     on_bad_request()
                     conn.sendall(encode({"ok": False, "error": f"request too large (limit {MAX_REQUEST_BYTES} bytes)"}))
-                    return  # the rest of that line is unreadable: drop the connection
+                    _drain(conn)  # the rest of that line is unreadable: drop the connection, politely
+                    return
                 if line.strip():
                     conn.sendall(encode(_answer(line, handler, on_bad_request)))
     except (OSError, ValueError):  # the client went away or timed out
         return
+
+
+def _drain(conn: socket.socket, limit: int = 16 * MAX_REQUEST_BYTES) -> None:
+    """Close our side, then read (briefly, boundedly) what the client still sends: closing with unread
+    data would reset the connection before the client reads our answer."""
+    conn.shutdown(socket.SHUT_WR)
+    conn.settimeout(1.0)
+    while limit > 0 and (chunk := conn.recv(65536)):
+        limit -= len(chunk)
 
 
 def _answer(line: bytes, handler: Handler, on_bad_request: Callable[[], None]) -> dict[str, Any]:
