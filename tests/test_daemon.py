@@ -287,8 +287,8 @@ def test_kill_9_in_the_middle_of_sorting_then_restart_and_sigterm(hmd):
     classified = ws / "classified" / "colour"
     before = len(files_in(classified))
     originals = {digest(p): p.name for p in (
-        [colour_image(inbox / f"k_red_{i:02d}.png", "red", 4000 + i) for i in range(24)]
-        + [colour_image(inbox / f"k_blue_{i:02d}.png", "blue", 5000 + i) for i in range(24)])}
+        [colour_image(inbox / f"k_red_{i:02d}.png", "red", 4000 + i) for i in range(16)]
+        + [colour_image(inbox / f"k_blue_{i:02d}.png", "blue", 5000 + i) for i in range(16)])}
     wait_for(lambda: len(files_in(classified)) > before, 60, "sorting to begin", hmd)
     os.kill(hmd.proc.pid, signal.SIGKILL)
     hmd.proc.wait(timeout=10)

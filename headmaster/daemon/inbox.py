@@ -73,11 +73,13 @@ def _reindex(store: Store, source: Path, destination: Path, hash_: str | None) -
 
 
 def sort_files(ctx: Context, head: str, trained: TrainedHead, model: Model, paths: list[Path], dest_root: Path,
-               should_stop: Callable[[], bool] = lambda: False) -> SortResult:
+               should_stop: Callable[[], bool] = lambda: False,
+               on_placed: Callable[[Placed], None] = lambda p: None) -> SortResult:
     """Decide and move each file into dest_root/<bucket>/ (or uncertain/, or _rejected/), logging every sort.
 
     Never deletes a file: a file leaves the inbox only once its copy is in place.
     Stops between files when `should_stop()` turns true; unsorted files stay put.
+    `on_placed` hears about each file as soon as it is in place (sorted or rejected).
     """
     result = SortResult()
     for start in range(0, len(paths), CHUNK):
@@ -95,6 +97,7 @@ def sort_files(ctx: Context, head: str, trained: TrainedHead, model: Model, path
             ctx.store.log_sort(head, str(d.path), str(target), d.hash, d.bucket, d.score)
             _reindex(ctx.store, d.path, target, d.hash)
             result.placed.append(Placed(d.path, target, d.bucket, d.score))
+            on_placed(result.placed[-1])
         for s in embedded.skipped:
             if should_stop():
                 return result
@@ -105,6 +108,7 @@ def sort_files(ctx: Context, head: str, trained: TrainedHead, model: Model, path
             ctx.store.log_sort(head, str(s.path), str(target), None, REJECTED, None)
             ctx.store.forget_files([str(s.path)])
             result.rejected.append(Placed(s.path, target, REJECTED, None, s.reason))
+            on_placed(result.rejected[-1])
     return result
 
 

@@ -31,7 +31,7 @@ from loguru import logger
 from headmaster.config import Config, load_config
 from headmaster.context import Context, EmbedOptions
 from headmaster.daemon.control import ControlServer
-from headmaster.daemon.inbox import inbox_files, inbox_heads, resolve_leftovers, sort_files
+from headmaster.daemon.inbox import REJECTED, Placed, inbox_files, inbox_heads, resolve_leftovers, sort_files
 from headmaster.daemon.logs import setup_logging
 from headmaster.daemon.state import CheckpointCache, DaemonState, iso, needs_retrain
 from headmaster.daemon.watcher import Settler, WorkspaceHandler, reports_closes, start_observer
@@ -333,6 +333,7 @@ class Daemon:
             fresh = needs_retrain(self.ws, name, model.name)
             if fresh.retrain:
                 logger.info("head {}: {}: retraining", name, fresh.reason)
+                self.state.mark_dirty(name, 0.0, 0.0)  # shows as pending until the worker gets to it
                 self.tasks.put(Task("retrain", name))
 
     def _model(self) -> Model | None:
@@ -477,17 +478,20 @@ class Daemon:
             self._tell_once(f"wait:{head}:{e}", f"inbox/{head}: {len(ready)} file(s) wait: {e}")
             return
         self._set_activity(f"sorting {head}")
-        dest_root = self.classified_dir / head
-        result = sort_files(self.ctx, head, trained, model, ready, dest_root, should_stop=self._stopping.is_set)
-        for p in result.placed:
-            logger.info("sorted {} -> {} ({:.2f})", p.source.name, p.destination.relative_to(self.classified_dir),
-                        p.score)
-        for p in result.rejected:
-            logger.warning("rejected {} -> {}: {}", p.source.name, p.destination.relative_to(self.classified_dir),
-                           p.reason)
+        sort_files(self.ctx, head, trained, model, ready, self.classified_dir / head,
+                   should_stop=self._stopping.is_set, on_placed=self._placed)
+
+    def _placed(self, p: Placed) -> None:
+        where = p.destination.relative_to(self.classified_dir)
+        if p.bucket == REJECTED:
+            logger.warning("rejected {} -> {}: {}", p.source.name, where, p.reason)
+        else:
+            logger.info("sorted {} -> {} ({:.2f})", p.source.name, where, p.score)
         with self.state.lock:
-            self.state.sorted += len(result.placed)
-            self.state.rejected += len(result.rejected)
+            if p.bucket == REJECTED:
+                self.state.rejected += 1
+            else:
+                self.state.sorted += 1
 
     # -- control (socket threads) --------------------------------------------------------
     def handle_request(self, request: dict[str, Any]) -> Any:
