@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import colour_image, fill_bucket, run_hm
+from helpers import colour_image, fill_bucket
 
 from headmaster.daemon.control import request
 from headmaster.registry import add_model
@@ -64,6 +64,7 @@ class Hmd:
             f'max_delay_seconds = 20.0\nsettle_seconds = {SETTLE}\ndevice = "cpu"\n[training]\nepochs = 20\n')
         self.log_path = root / "hmd.log"
         self.proc: subprocess.Popen | None = None
+        self.beside: tuple[subprocess.Popen, Path] | None = None  # an `hm` command running beside hmd
 
     def start(self) -> "Hmd":
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -128,6 +129,8 @@ def hmd(site):
     daemon = Hmd(root, ws).start()
     yield daemon
     daemon.kill()
+    if daemon.beside:
+        daemon.beside[0].kill()
 
 
 def test_trains_an_untrained_head_on_its_own(hmd):
@@ -237,11 +240,13 @@ def test_a_burst_of_examples_is_one_retrain_and_hm_works_beside_it(hmd, tmp_path
     bucket = hmd.ws / "heads" / "colour" / "red"
     for p in burst:
         os.rename(p, bucket / p.name)
-    # the CLI on the same database while the daemon embeds and trains: no "database is locked"
-    r = run_hm(["--no-progress", "classify", "--head", "colour", "--src", str(src), "--dest", str(tmp_path / "out"),
-                "--device", "cpu"], hmd.ws)
-    assert r.returncode == 0 and "locked" not in r.stderr, r.stderr
-    assert len(files_in(tmp_path / "out")) == 3
+    # the CLI on the same database while the daemon embeds and trains: it runs on in the background,
+    # beside the next tests, and is checked for "database is locked" before the daemon is killed
+    env = dict(os.environ, HEADMASTER_WORKSPACE=str(hmd.ws), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    hmd.beside = (subprocess.Popen([sys.executable, "-m", "headmaster.cli", "--no-progress", "classify", "--head",
+                                    "colour", "--src", str(src), "--dest", str(tmp_path / "out"), "--device", "cpu"],
+                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+                  tmp_path / "out")
     h = wait_for(lambda: (h := hmd.head()) and h["retrains"] > retrains and not h["pending_retrain"]
                  and not h["training"] and hmd.status()["settling"] == 0 and h, 90, "the retrain after the burst", hmd)
     assert h["images"] == 60 and h["retrains"] == retrains + 1
@@ -279,6 +284,14 @@ def test_hmctl_without_a_daemon_says_so(tmp_path):
     r = subprocess.run([*CTL, "--socket", str(tmp_path / "none.sock"), "status"], capture_output=True, text=True)
     assert r.returncode == 1
     assert r.stderr.strip().startswith("Error: hmd is not running") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_hm_ran_beside_the_daemon(hmd):
+    proc, out = hmd.beside
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 0 and "locked" not in stderr, stderr
+    assert stdout.startswith("Classified 3 images") and len(files_in(out)) == 3
+    assert hmd.proc.poll() is None
 
 
 def test_kill_9_in_the_middle_of_sorting_then_restart_and_sigterm(hmd):
