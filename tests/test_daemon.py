@@ -16,6 +16,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -65,10 +66,24 @@ class Hmd:
         self.log_path = root / "hmd.log"
         self.proc: subprocess.Popen | None = None
         self.beside: tuple[subprocess.Popen, Path] | None = None  # an `hm` command running beside hmd
+        # stands in for systemd's notify socket: collects READY=1, STATUS=..., WATCHDOG=1
+        self.notify_path = root / "notify.sock"
+        self.notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify_sock.bind(str(self.notify_path))
+        self.notifications: list[str] = []
+        threading.Thread(target=self._collect, daemon=True).start()
+
+    def _collect(self) -> None:
+        while True:
+            try:
+                self.notifications.append(self.notify_sock.recv(4096).decode())
+            except OSError:
+                return
 
     def start(self) -> "Hmd":
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
         env.pop("HEADMASTER_CONFIG", None)
+        env.update(NOTIFY_SOCKET=str(self.notify_path), WATCHDOG_USEC="1000000")  # as systemd would set them
         with open(self.log_path, "a") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "headmaster.daemon.main", "--config", str(self.config)],
                                          stdout=log, stderr=log, env=env, cwd=self.root)
@@ -145,6 +160,13 @@ def test_trains_an_untrained_head_on_its_own(hmd):
             "metrics"} <= set(h)
     assert {"queued", "sorted", "rejected"} <= set(s["inbox"])
     assert (hmd.ws / "inbox" / "colour").is_dir()  # made for the user to drop files into
+
+
+def test_tells_systemd_ready_status_and_pings_the_watchdog(hmd):
+    wait_for(lambda: "READY=1" in hmd.notifications, 10, "READY=1", hmd)
+    assert any(n.startswith("STATUS=") for n in hmd.notifications)
+    pings = hmd.notifications.count("WATCHDOG=1")
+    wait_for(lambda: hmd.notifications.count("WATCHDOG=1") > pings, 5, "a watchdog ping (every 0.5 s)", hmd)
 
 
 def test_socket_is_private(hmd):
