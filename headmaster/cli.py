@@ -211,6 +211,12 @@ def status(obj, head) -> None:
         if head:
             click.echo(status_mod.format_status_detail(status_mod.head_status(c.workspace, head),
                                                        c.workspace.heads_dir))
+            from headmaster.learning import correction_counts  # learning from corrections (daemon)
+
+            learned = correction_counts(c.store, head)
+            if learned["examples"]:
+                click.echo(f"From corrections: {learned['examples']} examples "
+                           f"({learned['corrections']} corrections, {learned['confirmed']} confirmed)")
         else:
             click.echo(status_mod.format_status_table(status_mod.all_status(c.workspace)))
 
@@ -294,6 +300,23 @@ def config_init_cmd(obj, path) -> None:
     target = Path(path) if path else Workspace.from_env(obj.get("workspace")).root / CONFIG_NAME
     written = config_init(target, obj.get("workspace"))
     click.echo(f"Wrote {written}")
+
+
+# -- learning from corrections ------------------------------------------------------
+
+@cli.command()
+@click.option("--head", required=True, help="The head that learned the example.")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.pass_obj
+@user_errors
+def unlearn(obj, head: str, file: str) -> None:
+    """Remove the example a correction added for FILE (the corrected file or the example itself)."""
+    from headmaster.learning import unlearn as unlearn_file
+
+    with _context(obj) as c:
+        c.workspace.head(head)
+        example = unlearn_file(c.store, c.workspace, head, Path(file))
+    click.echo(f"Unlearned {example.relative_to(c.workspace.heads_dir)} (retrain to apply; hmd does it by itself)")
 
 
 def main() -> None:

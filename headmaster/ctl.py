@@ -150,6 +150,28 @@ def reload(obj) -> None:
         click.echo(f"Restart hmd to apply: {', '.join(result['restart_needed'])}")
 
 
+@hmctl.command()
+@click.argument("head")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Show at most this many.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def uncertain(obj, head: str, limit: int | None, as_json: bool) -> None:
+    """List HEAD's uncertain files, most informative first (closest to the decision boundary).
+
+    Move a file into classified/HEAD/BUCKET/ and hmd learns from it.
+    """
+    result = _call(obj, "uncertain", head=head, **({"limit": limit} if limit else {}))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    if not result:
+        click.echo(f"No uncertain files for {head}")
+        return
+    click.echo(f"{'MARGIN':>6}  {'GUESS':<12}  FILE")
+    for r in result:
+        click.echo(f"{r['margin']:>6.3f}  {r['guess']:<12}  {r['path']}")
+
+
 @hmctl.group("config")
 def config_group() -> None:
     """The config file."""

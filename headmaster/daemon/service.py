@@ -22,7 +22,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from concurrent.futures import Future
+from typing import Any, Callable
 
 import sdnotify
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -37,6 +38,8 @@ from headmaster.daemon.state import CheckpointCache, DaemonState, iso, needs_ret
 from headmaster.daemon.watcher import Settler, WorkspaceHandler, reports_closes, start_observer
 from headmaster.errors import HeadmasterError
 from headmaster.heads import TrainConfig, TrainedHead
+from headmaster.learning import confirmable, correction_counts, ensure_schema, is_correction, learn, rank_uncertain
+from headmaster.pipeline import hash_paths
 from headmaster.pipeline import embed_paths
 from headmaster.sorting import load_trained
 from headmaster.store import Model, Store
@@ -45,15 +48,18 @@ from headmaster.workspace import Workspace
 
 STOP_GRACE_S = 8.0  # systemd's stop timeout is longer; we promise 10 s
 EMBED_CHUNK = 64  # images embedded per step at start-up; the stop flag is checked between steps
-COMMANDS = ("status", "retrain", "rescan", "pause", "resume", "reload", "ping")
+COMMANDS = ("status", "retrain", "rescan", "pause", "resume", "reload", "uncertain", "ping")
+CALL_TIMEOUT_S = 120.0  # how long a control request waits for the worker
 
 
 @dataclass(frozen=True)
 class Task:
-    kind: str  # startup | settled | retrain | sort | forget | rescan
+    kind: str  # startup | settled | retrain | sort | forget | rescan | confirm | call
     head: str | None = None
     paths: tuple[Path, ...] = ()
     force: bool = False
+    call: Callable[[], Any] | None = None  # kind 'call': run on the worker, result into `future`
+    future: Future | None = None
 
 
 _STOP = Task("stop")
@@ -131,9 +137,14 @@ class Daemon:
         self.server.start()
         self.scheduler.start()
         self._start_watchdog_pings()
+        learning = self.config.learning.from_corrections
         handler = WorkspaceHandler(self.ws.heads_dir, self.inbox_dir, self.ws.out_dir, self,
-                                   on_error=lambda e: logger.opt(exception=e).error("event handler failed"))
-        self.observer = start_observer(handler, [self.ws.heads_dir, self.inbox_dir, self.ws.out_dir])
+                                   on_error=lambda e: logger.opt(exception=e).error("event handler failed"),
+                                   classified_dir=self.classified_dir if learning else None)
+        folders = [self.ws.heads_dir, self.inbox_dir, self.ws.out_dir] + ([self.classified_dir] if learning else [])
+        self.observer = start_observer(handler, folders)
+        if self.config.learning.confirm_after_days > 0:
+            self.scheduler.add_job(self.tasks.put, "interval", args=[Task("confirm")], hours=1, id="confirm")
         self.worker = threading.Thread(target=self._work, name="hmd-worker", daemon=True)
         self.worker.start()
         logger.info("hmd {} started: workspace {}, inbox {}, socket {}", os.getpid(), self.ws.root, self.inbox_dir,
@@ -240,6 +251,12 @@ class Daemon:
         for f in inbox_files(folder):
             self._arm_settle(self.settler.touch(f))
 
+    def classified_changed(self, head: str, bucket: str, path: Path, writing: bool) -> None:
+        self._arm_settle(self.settler.touch(path, writing))
+
+    def classified_closed(self, head: str, bucket: str, path: Path) -> None:
+        self._arm_settle(self.settler.closed(path))
+
     def checkpoint_written(self, head: str) -> None:
         self.tasks.put(Task("sort", head))  # e.g. `hm train` beside us: waiting inbox files can go now
 
@@ -302,9 +319,17 @@ class Daemon:
             self._sort_inbox(task.head)
         elif task.kind == "forget":
             self.ctx.store.forget_files(str(p) for p in task.paths)
+        elif task.kind == "confirm":
+            self._confirm()
+        elif task.kind == "call":
+            try:
+                task.future.set_result(task.call())
+            except BaseException as e:
+                task.future.set_exception(e)
 
     def _startup(self) -> None:
         self._set_activity("reconciling")
+        ensure_schema(self.ctx.store)
         left = resolve_leftovers(self.ctx.store, self.inbox_dir, self.classified_dir)
         if left.temps:
             logger.info("removed {} temporary file(s) left by an interrupted move", left.temps)
@@ -313,6 +338,8 @@ class Daemon:
         self.state.count("duplicates_resolved", len(left.duplicates))
         self._reconcile()
         self._sort_all()
+        if self.config.learning.confirm_after_days > 0:
+            self._confirm()
         self.notifier.notify("READY=1")
         logger.info("ready: {} head(s), {} file(s) waiting in the inbox", len(self.ws.head_names()),
                     self._queued_total())
@@ -360,17 +387,60 @@ class Daemon:
     def _settled(self, paths: tuple[Path, ...]) -> None:
         examples: dict[str, list[Path]] = defaultdict(list)
         inbox: set[str] = set()
+        corrected: list[Path] = []
         for p in paths:
             if (parts := _parts(p, self.ws.heads_dir)) is not None:
                 examples[parts[0]].append(p)
             elif (parts := _parts(p, self.inbox_dir)) is not None:
                 inbox.add(parts[0])
+            elif (parts := _parts(p, self.classified_dir)) is not None and len(parts) == 3:
+                corrected.append(p)
+        if corrected:
+            self._learn(corrected)
         model = self._model() if examples else None
         for head, files in examples.items():
             if model is not None:
                 self._embed(model, files, head)
         for head in sorted(inbox):
             self._sort_inbox(head)
+
+    # -- learning from corrections -------------------------------------------------------
+    def _learn(self, paths: list[Path]) -> None:
+        """Files the user put into classified/<head>/<bucket>/ become examples of that bucket."""
+        hashes, _, _ = hash_paths(self.ctx.store, paths)
+        for path, hash_ in hashes.items():
+            head, bucket, _ = path.relative_to(self.classified_dir).parts
+            if head not in self.ws.head_names():
+                continue
+            if not is_correction(self.ctx.store, head, bucket, path, hash_):
+                continue
+            self._teach(head, bucket, path, hash_, "correction")
+
+    def _teach(self, head: str, bucket: str, path: Path, hash_: str, kind: str) -> None:
+        learned = learn(self.ctx.store, self.ws, head, bucket, path, hash_, kind)
+        if learned.action == "unchanged":
+            return
+        was = f" (was {learned.previous})" if learned.previous and learned.previous != bucket else ""
+        logger.info("learned from {}: {} is {}{} -> {} example {}", kind, path.name, bucket, was, learned.action,
+                    learned.example.relative_to(self.ws.heads_dir))
+        with self.state.lock:
+            self.state.head(head).corrections += 1
+        self._mark_dirty(head)
+
+    def _confirm(self) -> None:
+        """Confident sorts the user left alone for confirm_after_days become examples too."""
+        for head, bucket, path, hash_ in confirmable(self.ctx.store, self.ws, self.config.learning.confirm_after_days):
+            if head in self.ws.head_names():
+                self._teach(head, bucket, path, hash_, "confirmed")
+
+    def _on_worker(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the worker thread (the one that owns the model and the database) and wait."""
+        future: Future = Future()
+        self.tasks.put(Task("call", call=fn, future=future))
+        try:
+            return future.result(timeout=CALL_TIMEOUT_S)
+        except TimeoutError:
+            raise HeadmasterError(f"hmd is busy; try again (no answer within {CALL_TIMEOUT_S:.0f}s)") from None
 
     def _retrain(self, head: str, force: bool) -> None:
         if head not in self.ws.head_names():
@@ -522,6 +592,13 @@ class Daemon:
             return {"paused": cmd == "pause"}
         if cmd == "reload":
             return self.reload()
+        if cmd == "uncertain":
+            head, limit = request.get("head"), request.get("limit")
+            if not isinstance(head, str) or not (limit is None or isinstance(limit, int) and limit > 0):
+                raise HeadmasterError("uncertain needs 'head' (a string) and an optional positive 'limit'")
+            ranked = self._on_worker(lambda: rank_uncertain(self.ctx, head, limit))
+            return [{"path": str(u.path), "guess": u.bucket, "score": round(u.score, 4), "margin": round(u.margin, 4)}
+                    for u in ranked]
         raise HeadmasterError(f"unknown command {cmd!r} (commands: {', '.join(COMMANDS)})")
 
     def status(self) -> dict[str, Any]:
@@ -532,6 +609,10 @@ class Daemon:
         except HeadmasterError:
             model = None
         heads: dict[str, Any] = {}
+        learned: dict[str, dict[str, int]] = {}
+        with Store(self.ws.db_path) as store:
+            for name in self.ws.head_names():
+                learned[name] = correction_counts(store, name)
         for name in self.ws.head_names():
             try:
                 labelled = self.ws.head(name)
@@ -541,7 +622,8 @@ class Daemon:
             with self.state.lock:
                 h = self.state.head(name)
                 info = {"retrains": h.retrains, "pending_retrain": h.pending, "next_retrain": iso(h.next_retrain),
-                        "training": h.training, "error": h.last_error or ck.get("error")}
+                        "training": h.training, "error": h.last_error or ck.get("error"),
+                        "corrections": h.corrections}
             heads[name] = {
                 "type": ck.get("type", labelled.head_type),
                 "buckets": {b.name: len(b.images) for b in labelled.buckets},
@@ -553,6 +635,7 @@ class Daemon:
                 "threshold": ck.get("threshold"),
                 "metrics": ck.get("metrics", {}),
                 "waiting": len(inbox_files(self.inbox_dir / name)),
+                "examples_from_corrections": learned.get(name, {}).get("examples", 0),
             }
         with self.state.lock:
             s = self.state

@@ -25,6 +25,7 @@ class HeadState:
     first_change: float | None = None  # monotonic time of the first change not yet trained on
     next_retrain: float | None = None  # wall-clock time the retrain job is due
     training: bool = False
+    corrections: int = 0  # examples learned from user corrections since start
     last_error: str | None = None
 
     @property

@@ -157,6 +157,8 @@ class Sink(Protocol):
     def inbox_removed(self, path: Path) -> None: ...
     def inbox_folder(self, head: str, folder: Path) -> None: ...
     def checkpoint_written(self, head: str) -> None: ...
+    def classified_changed(self, head: str, bucket: str, path: Path, writing: bool) -> None: ...
+    def classified_closed(self, head: str, bucket: str, path: Path) -> None: ...
 
 
 def _parts(path: Path, root: Path) -> tuple[str, ...] | None:
@@ -170,8 +172,9 @@ class WorkspaceHandler(FileSystemEventHandler):
     """Sorts raw watchdog events into heads/, inbox/ and out/ changes."""
 
     def __init__(self, heads_dir: Path, inbox_dir: Path, out_dir: Path, sink: Sink,
-                 on_error: Callable[[Exception], None] | None = None):
+                 on_error: Callable[[Exception], None] | None = None, classified_dir: Path | None = None):
         self.heads_dir, self.inbox_dir, self.out_dir, self.sink = heads_dir, inbox_dir, out_dir, sink
+        self.classified_dir = classified_dir  # watched only when learning from corrections
         self.on_error = on_error
 
     def dispatch(self, event: FileSystemEvent) -> None:
@@ -207,6 +210,8 @@ class WorkspaceHandler(FileSystemEventHandler):
                 self.sink.inbox_folder(parts[0], path)
             elif not is_dir and len(parts) == 2 and not parts[0].startswith(".") and is_candidate_name(parts[1]):
                 self.sink.inbox_changed(parts[0], path, writing)
+        elif (parts := self._correction(path, is_dir)) is not None:
+            self.sink.classified_changed(parts[0], parts[1], path, writing)
         elif (parts := _parts(path, self.out_dir)) is not None:
             if not is_dir and len(parts) == 1 and parts[0].endswith(".pt") and not parts[0].startswith("."):
                 self.sink.checkpoint_written(parts[0][:-3])
@@ -218,6 +223,18 @@ class WorkspaceHandler(FileSystemEventHandler):
         elif (parts := _parts(path, self.inbox_dir)) is not None:
             if len(parts) == 2 and is_candidate_name(parts[1]):
                 self.sink.inbox_closed(parts[0], path)
+        elif (parts := self._correction(path, False)) is not None:
+            self.sink.classified_closed(parts[0], parts[1], path)
+
+    def _correction(self, path: Path, is_dir: bool) -> tuple[str, ...] | None:
+        """(head, bucket, name) for an image placed in classified/<head>/<bucket>/, else None."""
+        if self.classified_dir is None or is_dir:
+            return None
+        parts = _parts(path, self.classified_dir)
+        if parts is None or len(parts) != 3 or parts[0].startswith(".") or parts[1].startswith(("_", ".")) \
+                or parts[1] == "uncertain" or not is_image_name(parts[2]):
+            return None
+        return parts
 
     def _gone(self, path: Path, is_dir: bool) -> None:
         if (parts := _parts(path, self.heads_dir)) is not None:
