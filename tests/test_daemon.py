@@ -20,10 +20,14 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import colour_image, fill_bucket
+from PIL import Image
 
+from headmaster.context import Context, EmbedOptions
 from headmaster.daemon.control import request
+from headmaster.evaluation import confusion_matrix
 from headmaster.registry import add_model
 from headmaster.store import Store
 
@@ -306,6 +310,97 @@ def test_hmctl_without_a_daemon_says_so(tmp_path):
     r = subprocess.run([*CTL, "--socket", str(tmp_path / "none.sock"), "status"], capture_output=True, text=True)
     assert r.returncode == 1
     assert r.stderr.strip().startswith("Error: hmd is not running") and len(r.stderr.strip().splitlines()) == 1
+
+
+def _settled_and_trained(hmd: Hmd, head: str, retrains: int) -> dict:
+    """Wait until `head` has retrained past `retrains` and nothing more is pending or settling."""
+    return wait_for(lambda: (h := hmd.head(head)) and h["retrains"] > retrains and not h["pending_retrain"]
+                    and not h["training"] and hmd.status()["settling"] == 0 and h, 90, f"{head} to retrain", hmd)
+
+
+def _accuracy(ws: Path, head: str) -> float:
+    with Context.open(str(ws), EmbedOptions(device="cpu", progress=False)) as c:
+        return confusion_matrix(c, head).accuracy
+
+
+def test_corrections_teach_a_confusing_class(hmd, tmp_path):
+    """A head trained on red (a) vs blue (b) meets yellow and green; the user files them where they belong."""
+    ws = hmd.ws
+    staging = tmp_path / "staging"
+    for bucket, colour, seed in (("a", "red", 7000), ("b", "blue", 7100)):
+        (ws / "heads" / "shade" / bucket).mkdir(parents=True)
+        for p in fill_bucket(staging / bucket, colour, 8, seed):
+            os.rename(p, ws / "heads" / "shade" / bucket / p.name)
+    h = wait_for(lambda: (h := hmd.status()["heads"].get("shade")) and h["trained"] and not h["training"] and h, 90,
+                 "the new head to train", hmd)
+    inbox = ws / "inbox" / "shade"
+    wait_for(inbox.is_dir, 10, "inbox/shade/", hmd)
+    for p in fill_bucket(staging / "in", "yellow", 6, 7200) + fill_bucket(staging / "in", "green", 6, 7300):
+        os.rename(p, inbox / p.name)
+    wait_for(lambda: not any(inbox.iterdir()), 60, "the shade inbox to empty", hmd)
+    classified = ws / "classified" / "shade"
+    # the daemon's own sorting teaches nothing
+    assert len(files_in(ws / "heads" / "shade")) == 16 and hmd.head("shade")["examples_from_corrections"] == 0
+    # make the head wrong on purpose: the truth is the opposite of what it predicts (p of 'b' is the score)
+    with Store(ws / "headmaster.db") as store:
+        scores = {Path(r["destination"]).name: r["score"] for r in store.sorts(head="shade")}
+    truth = {c: "a" if sum(v for k, v in scores.items() if k.startswith(c)) / 6 > 0.5 else "b"
+             for c in ("yellow", "green")}
+    fill_bucket(ws / "test" / "shade" / truth["yellow"], "yellow", 4, 7400)
+    fill_bucket(ws / "test" / "shade" / truth["green"], "green", 4, 7500)
+    before = _accuracy(ws, "shade")
+
+    # one file from uncertain/ into a bucket: exactly one example, exactly one retrain
+    one = sorted(classified.rglob("yellow_*.png"))[0]
+    for bucket in ("uncertain", "a", "b"):
+        (classified / bucket).mkdir(exist_ok=True)
+    if one.parent.name != "uncertain":
+        one = Path(shutil.move(one, classified / "uncertain" / one.name))  # into uncertain/: teaches nothing
+    retrains = hmd.head("shade")["retrains"]
+    right, wrong = truth["yellow"], "b" if truth["yellow"] == "a" else "a"
+    os.rename(one, classified / right / one.name)
+    h = _settled_and_trained(hmd, "shade", retrains)
+    name = f"{digest(classified / right / one.name)}.png"
+    assert h["retrains"] == retrains + 1 and h["examples_from_corrections"] == 1
+    assert (ws / "heads" / "shade" / right / name).is_file() and len(files_in(ws / "heads" / "shade")) == 17
+    # corrected again: the example moves, it is not duplicated; and back again: the latest bucket wins
+    os.rename(classified / right / one.name, classified / wrong / one.name)
+    wait_for(lambda: (ws / "heads" / "shade" / wrong / name).is_file(), 30, "the example to move", hmd)
+    assert not (ws / "heads" / "shade" / right / name).exists() and len(files_in(ws / "heads" / "shade")) == 17
+    os.rename(classified / wrong / one.name, classified / right / one.name)
+    wait_for(lambda: (ws / "heads" / "shade" / right / name).is_file(), 30, "the example to move back", hmd)
+    assert not (ws / "heads" / "shade" / wrong / name).exists()
+
+    # the rest of the corrections, then the head is better on a held-out test set
+    retrains = _settled_and_trained(hmd, "shade", retrains)["retrains"]
+    moved = 0
+    for p in sorted(classified.rglob("*.png")):
+        colour = p.name.split("_")[0]
+        if colour in truth and p.parent.name != truth[colour]:
+            os.rename(p, classified / truth[colour] / p.name)
+            moved += 1
+    h = _settled_and_trained(hmd, "shade", retrains)
+    assert h["examples_from_corrections"] == 1 + moved
+    after = _accuracy(ws, "shade")
+    assert after > before and after >= 0.75, (before, after)
+    r = subprocess.run([*CTL, "--socket", str(hmd.socket), "status", "--json"], capture_output=True, text=True)
+    assert json.loads(r.stdout)["heads"]["shade"]["corrections"] >= 3 + moved
+
+
+def test_hmctl_uncertain_lists_the_closest_to_the_boundary_first(hmd):
+    folder = hmd.ws / "classified" / "colour" / "uncertain"
+    folder.mkdir(exist_ok=True)
+    for i, (r, b) in enumerate([(200, 60), (125, 125), (60, 200)]):
+        Image.fromarray(np.full((40, 48, 3), (r, 30, b), np.uint8)).save(folder / f"mix_{i}.png")
+    r = hmd.ctl("uncertain", "colour", "--json")
+    assert r.returncode == 0, r.stderr
+    ranked = json.loads(r.stdout)
+    assert sorted(Path(x["path"]).name for x in ranked) == ["mix_0.png", "mix_1.png", "mix_2.png"]
+    margins = [x["margin"] for x in ranked]
+    assert margins == sorted(margins)
+    r = hmd.ctl("uncertain", "colour", "--limit", "1")
+    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 2  # header and one file
+    assert hmd.head()["examples_from_corrections"] == 0  # files in uncertain/ teach nothing
 
 
 def test_hm_ran_beside_the_daemon(hmd):
