@@ -319,6 +319,25 @@ def unlearn(obj, head: str, file: str) -> None:
     click.echo(f"Unlearned {example.relative_to(c.workspace.heads_dir)} (retrain to apply; hmd does it by itself)")
 
 
+@cli.command()
+@click.option("--head", required=True, help="Head whose corrections to list.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.pass_obj
+@user_errors
+def corrections(obj, head: str, limit: int) -> None:
+    """List the examples a head learned from corrections (newest first)."""
+    from headmaster.learning import corrections_log
+
+    with _context(obj) as c:
+        c.workspace.head(head)
+        rows = corrections_log(c.store, head, limit)
+        if not rows:
+            click.echo(f"No corrections for {head} yet")
+            return
+        for r in rows:
+            click.echo(f"{r.at}  {r.kind:<10}  {r.bucket:<12}  {os.path.relpath(r.source, c.workspace.root)}")
+
+
 def main() -> None:
     cli(prog_name="hm")
 

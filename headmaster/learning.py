@@ -165,6 +165,23 @@ def unlearn(store: Store, ws: Workspace, head: str, file: Path) -> Path:
     return example
 
 
+@dataclass(frozen=True)
+class CorrectionRow:
+    at: str
+    kind: str
+    bucket: str
+    example: str
+    source: str
+
+
+def corrections_log(store: Store, head: str, limit: int = 100) -> list[CorrectionRow]:
+    """What the head learned from, newest first."""
+    ensure_schema(store)
+    rows = store.conn.execute("SELECT at, kind, bucket, example, source FROM corrections WHERE head = ? "
+                              "ORDER BY id DESC LIMIT ?", (head, limit))
+    return [CorrectionRow(*r) for r in rows]
+
+
 def correction_counts(store: Store, head: str) -> dict[str, int]:
     """{'corrections': rows learned from user moves, 'confirmed': ..., 'examples': examples in place now}."""
     ensure_schema(store)
