@@ -314,8 +314,13 @@ def test_hmctl_without_a_daemon_says_so(tmp_path):
 
 def _settled_and_trained(hmd: Hmd, head: str, retrains: int) -> dict:
     """Wait until `head` has retrained past `retrains` and nothing more is pending or settling."""
-    return wait_for(lambda: (h := hmd.head(head)) and h["retrains"] > retrains and not h["pending_retrain"]
-                    and not h["training"] and hmd.status()["settling"] == 0 and h, 90, f"{head} to retrain", hmd)
+    def done() -> dict | None:
+        s = hmd.status()
+        h = s["heads"][head]
+        quiet = s["settling"] == 0 and s["queued_tasks"] == 0 and s["activity"] == "idle"
+        return h if quiet and h["retrains"] > retrains and not h["pending_retrain"] and not h["training"] else None
+
+    return wait_for(done, 90, f"{head} to retrain", hmd)
 
 
 def _accuracy(ws: Path, head: str) -> float:
@@ -344,7 +349,8 @@ def test_corrections_teach_a_confusing_class(hmd, tmp_path):
     # make the head wrong on purpose: the truth is the opposite of what it predicts (p of 'b' is the score)
     with Store(ws / "headmaster.db") as store:
         scores = {Path(r["destination"]).name: r["score"] for r in store.sorts(head="shade")}
-    truth = {c: "a" if sum(v for k, v in scores.items() if k.startswith(c)) / 6 > 0.5 else "b"
+    threshold = hmd.head("shade")["threshold"]
+    truth = {c: "a" if sum(v for k, v in scores.items() if k.startswith(c)) / 6 >= threshold else "b"
              for c in ("yellow", "green")}
     fill_bucket(ws / "test" / "shade" / truth["yellow"], "yellow", 4, 7400)
     fill_bucket(ws / "test" / "shade" / truth["green"], "green", 4, 7500)
@@ -379,8 +385,8 @@ def test_corrections_teach_a_confusing_class(hmd, tmp_path):
         if colour in truth and p.parent.name != truth[colour]:
             os.rename(p, classified / truth[colour] / p.name)
             moved += 1
-    h = _settled_and_trained(hmd, "shade", retrains)
-    assert h["examples_from_corrections"] == 1 + moved
+    wait_for(lambda: hmd.head("shade")["examples_from_corrections"] == 1 + moved, 30, "every correction", hmd)
+    _settled_and_trained(hmd, "shade", retrains)
     after = _accuracy(ws, "shade")
     assert after > before and after >= 0.75, (before, after)
     r = subprocess.run([*CTL, "--socket", str(hmd.socket), "status", "--json"], capture_output=True, text=True)

@@ -295,6 +295,8 @@ class Daemon:
             if task is _STOP or self._stopping.is_set():
                 return
             try:
+                if task.kind != "call":
+                    self._set_activity(task.kind)
                 self._do(task)
             except HeadmasterError as e:
                 self.state.count("errors")
@@ -653,6 +655,7 @@ class Daemon:
             "heads": heads,
             "inbox": {"path": str(self.inbox_dir), "queued": self._queued_total(), **counters},
             "settling": len(self.settler),
+            "queued_tasks": self.tasks.qsize(),
             **extra,
         }
 
