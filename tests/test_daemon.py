@@ -139,6 +139,7 @@ def site(tmp_path_factory, clip_path):
     fill_bucket(ws / "heads" / "colour" / "blue", "blue", 10, 100)
     with Store(ws / "headmaster.db") as store:
         add_model(store, "tiny-clip", str(clip_path), 24)
+    colour_image(ws / "inbox" / "colour" / "early_red.png", "red", 99)  # waits until the head is trained
     return root, ws
 
 
@@ -163,7 +164,8 @@ def test_trains_an_untrained_head_on_its_own(hmd):
     assert {"type", "images", "trained", "last_trained", "retrains", "pending_retrain", "next_retrain",
             "metrics"} <= set(h)
     assert {"queued", "sorted", "rejected"} <= set(s["inbox"])
-    assert (hmd.ws / "inbox" / "colour").is_dir()  # made for the user to drop files into
+    # the file that was in the inbox before the head had a checkpoint waited, and is sorted now
+    wait_for((hmd.ws / "classified" / "colour" / "red" / "early_red.png").exists, 30, "the early file", hmd)
 
 
 def test_tells_systemd_ready_status_and_pings_the_watchdog(hmd):

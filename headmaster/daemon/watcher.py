@@ -35,6 +35,9 @@ from headmaster.workspace import is_image_name
 
 # Names browsers and sync tools give files while they are still arriving.
 PARTIAL_SUFFIXES = (".part", ".partial", ".crdownload", ".download", ".tmp", ".swp")
+# watchdog's threads block on their queues with this timeout; events still arrive at once,
+# the timeout only bounds how often an idle daemon wakes up (and nobody joins these threads)
+OBSERVER_WAKEUP_S = 30.0
 # Events we act on: opens and read-only closes are noise (our own reads cause them).
 EVENTS = [FileCreatedEvent, FileModifiedEvent, FileAttribEvent, FileClosedEvent, FileDeletedEvent, FileMovedEvent,
           DirCreatedEvent, DirDeletedEvent, DirMovedEvent]
@@ -253,7 +256,7 @@ def reports_closes() -> bool:
 
 def start_observer(handler: WorkspaceHandler, folders: list[Path]) -> Observer:
     """Watch every folder recursively, on one observer thread (no polling on Linux or macOS)."""
-    observer = Observer()
+    observer = Observer(timeout=OBSERVER_WAKEUP_S)
     for folder in folders:
         observer.schedule(handler, str(folder), recursive=True, event_filter=EVENTS)
     observer.daemon = True
