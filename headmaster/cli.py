@@ -231,6 +231,14 @@ def status(obj, head) -> None:
             if unknown:
                 click.echo(f"Leak check: {unknown} image(s) not hashed yet, not checked (`hm embed --head {head}` "
                            f"hashes heads/, `hm confusion-matrix --head {head}` test/ too)")
+            click.echo(status_mod.format_status_detail(status_mod.head_status(c.workspace, head),
+                                                       c.workspace.heads_dir))
+            from headmaster.learning import correction_counts  # learning from corrections (daemon)
+
+            learned = correction_counts(c.store, head)
+            if learned["examples"]:
+                click.echo(f"From corrections: {learned['examples']} examples "
+                           f"({learned['corrections']} corrections, {learned['confirmed']} confirmed)")
         else:
             click.echo(status_mod.format_status_table(status_mod.all_status(c.workspace)))
 
@@ -587,6 +595,64 @@ def import_labels(obj, csv_file, images, link, dry_run, skip_bad_rows) -> None:
                f"{len(heads_used)} heads ({', '.join(heads_used) or '-'}): {summary}"
                + (f"; {len(plan.bad_lines)} bad rows skipped" if plan.problems else "")
                + ("; nothing was changed" if dry_run else ""))
+
+
+# -- daemon config ----------------------------------------------------------------
+
+@cli.group("config")
+def config_group() -> None:
+    """The daemon's config file (config.toml)."""
+
+
+@config_group.command("init")
+@click.option("--path", "path", type=click.Path(dir_okay=False), default=None,
+              help="Where to write it (default: <workspace>/config.toml).")
+@click.pass_obj
+@user_errors
+def config_init_cmd(obj, path) -> None:
+    """Write a starting config with every key at its default (never overwrites)."""
+    from headmaster.config import CONFIG_NAME, config_init
+    from headmaster.workspace import Workspace
+
+    target = Path(path) if path else Workspace.from_env(obj.get("workspace")).root / CONFIG_NAME
+    written = config_init(target, obj.get("workspace"))
+    click.echo(f"Wrote {written}")
+
+
+# -- learning from corrections ------------------------------------------------------
+
+@cli.command()
+@click.option("--head", required=True, help="The head that learned the example.")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.pass_obj
+@user_errors
+def unlearn(obj, head: str, file: str) -> None:
+    """Remove the example a correction added for FILE (the corrected file or the example itself)."""
+    from headmaster.learning import unlearn as unlearn_file
+
+    with _context(obj) as c:
+        c.workspace.head(head)
+        example = unlearn_file(c.store, c.workspace, head, Path(file))
+    click.echo(f"Unlearned {example.relative_to(c.workspace.heads_dir)} (retrain to apply; hmd does it by itself)")
+
+
+@cli.command()
+@click.option("--head", required=True, help="Head whose corrections to list.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.pass_obj
+@user_errors
+def corrections(obj, head: str, limit: int) -> None:
+    """List the examples a head learned from corrections (newest first)."""
+    from headmaster.learning import corrections_log
+
+    with _context(obj) as c:
+        c.workspace.head(head)
+        rows = corrections_log(c.store, head, limit)
+        if not rows:
+            click.echo(f"No corrections for {head} yet")
+            return
+        for r in rows:
+            click.echo(f"{r.at}  {r.kind:<10}  {r.bucket:<12}  {os.path.relpath(r.source, c.workspace.root)}")
 
 
 def main() -> None:

@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS flip_embeddings (
     vector BLOB NOT NULL,
     PRIMARY KEY (hash, model_id)
 );
+CREATE INDEX IF NOT EXISTS sorts_source ON sorts(source);
 """
 
 
@@ -241,6 +242,11 @@ class Store:
         at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self._write("INSERT INTO sorts (at, head, source, destination, hash, bucket, score) VALUES (?,?,?,?,?,?,?)",
                     [(at, head, source, destination, hash_, bucket, score)])
+
+    def sort_destinations(self, source: str) -> list[str]:
+        """Where files that came from `source` were placed, newest first."""
+        rows = self.conn.execute("SELECT destination FROM sorts WHERE source = ? ORDER BY id DESC", (source,))
+        return [r[0] for r in rows]
 
     def sorts(self, head: str | None = None, limit: int = 100) -> list[sqlite3.Row]:
         self.conn.row_factory = sqlite3.Row
