@@ -3,30 +3,77 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import click
 
-from headmaster import checkpoints, registry, status as status_mod
-from headmaster.calibration import calibrate_head, format_calibration, plot_calibration
-from headmaster.comparison import compare_models, format_comparison
+from headmaster import checkpoints, registry
 from headmaster.context import Context, EmbedOptions
 from headmaster.errors import HeadmasterError
-from headmaster.evaluation import confusion_matrix, format_confusion, plot_confusion
-from headmaster.heads import TrainConfig
-from headmaster.pipeline import Skipped
-from headmaster.repeated import evaluate_head, format_evaluation, parse_kinds, plot_evaluation
-from headmaster.duplicates import dupes_rows, find_near_duplicates, hashed_leaks, indexed_leaks
 from headmaster.labels import import_labels as import_labels_fn, read_label_csv
 from headmaster.output import FORMATS, write_rows
-from headmaster.ranking import find_suspects, rank_folder, rank_rows, suspect_rows
-from headmaster.sidecars import KINDS, write_sidecars
-from headmaster.sorting import classify_folder, prediction_rows, predict_heads, source_images
 from headmaster.workspace import Workspace
-from headmaster.training import embed_heads, head_names, train_one
+
+if TYPE_CHECKING:
+    from headmaster.pipeline import Skipped
+
+
+class LazyModule:
+    """A module imported on first attribute access."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+def lazy(module: str, name: str) -> Callable:
+    """A library function imported when first called: torch and transformers load only for commands
+    that need them, so `hm --help`, `hm model-list` and the like answer at once."""
+
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
+SIDECAR_KINDS = ("txt", "json")  # headmaster.sidecars.KINDS, named here so the option needs no torch import
+status_mod = LazyModule("headmaster.status")
+calibrate_head = lazy("headmaster.calibration", "calibrate_head")
+format_calibration = lazy("headmaster.calibration", "format_calibration")
+plot_calibration = lazy("headmaster.calibration", "plot_calibration")
+compare_models = lazy("headmaster.comparison", "compare_models")
+format_comparison = lazy("headmaster.comparison", "format_comparison")
+confusion_matrix = lazy("headmaster.evaluation", "confusion_matrix")
+format_confusion = lazy("headmaster.evaluation", "format_confusion")
+plot_confusion = lazy("headmaster.evaluation", "plot_confusion")
+TrainConfig = lazy("headmaster.heads", "TrainConfig")
+evaluate_head = lazy("headmaster.repeated", "evaluate_head")
+format_evaluation = lazy("headmaster.repeated", "format_evaluation")
+parse_kinds = lazy("headmaster.repeated", "parse_kinds")
+plot_evaluation = lazy("headmaster.repeated", "plot_evaluation")
+dupes_rows = lazy("headmaster.duplicates", "dupes_rows")
+find_near_duplicates = lazy("headmaster.duplicates", "find_near_duplicates")
+hashed_leaks = lazy("headmaster.duplicates", "hashed_leaks")
+indexed_leaks = lazy("headmaster.duplicates", "indexed_leaks")
+find_suspects = lazy("headmaster.ranking", "find_suspects")
+rank_folder = lazy("headmaster.ranking", "rank_folder")
+rank_rows = lazy("headmaster.ranking", "rank_rows")
+suspect_rows = lazy("headmaster.ranking", "suspect_rows")
+write_sidecars = lazy("headmaster.sidecars", "write_sidecars")
+classify_folder = lazy("headmaster.sorting", "classify_folder")
+prediction_rows = lazy("headmaster.sorting", "prediction_rows")
+predict_heads = lazy("headmaster.sorting", "predict_heads")
+source_images = lazy("headmaster.sorting", "source_images")
+embed_heads = lazy("headmaster.training", "embed_heads")
+head_names = lazy("headmaster.training", "head_names")
+train_one = lazy("headmaster.training", "train_one")
 
 
 def _err(message: str) -> None:
@@ -256,7 +303,7 @@ def status(obj, head) -> None:
                    "(default with --heads: csv).")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Write the rows to this file instead of stdout.")
-@click.option("--sidecar", type=click.Choice(KINDS), default=None,
+@click.option("--sidecar", type=click.Choice(SIDECAR_KINDS), default=None,
               help="Write name.txt (predicted classes) or name.json (all scores) beside each image instead of copying.")
 @click.option("--overwrite", is_flag=True, help="Replace existing sidecars or an existing --output file.")
 @click.option("--tta", is_flag=True,

@@ -188,7 +188,7 @@ def test_untrusted_checkpoint_refused(hm, trained, tmp_path):
         def __reduce__(self):
             return (print, ("pwned",))
 
-    (trained / "out" / "colour.pt").write_bytes(pickle.dumps({"type": Evil()}))
+    (trained / "out" / "colour.pt").write_bytes(pickle.dumps({"type": Evil()}, protocol=2))
     src = tmp_path / "src"
     fill_bucket(src, "red", 1)
     _one_error_line(hm("classify", "--head", "colour", "--src", str(src), ok=False), "cannot read checkpoint")
@@ -204,3 +204,16 @@ def test_real_entry_point_offline(workspace, clip_path):
     r = run_hm(["classify", "--head", "colour", "--src", str(workspace)], workspace)
     assert r.returncode == 1 and r.stderr.strip().startswith("Error: head 'colour' is not trained yet")
     assert "Traceback" not in r.stderr
+
+
+def test_cli_import_stays_light():
+    """`hm --help` and friends must not pay for torch: heavy modules load when a command runs."""
+    import subprocess
+    import sys
+
+    code = "import sys, headmaster.cli; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+    from headmaster.cli import SIDECAR_KINDS
+    from headmaster.sidecars import KINDS
+    assert SIDECAR_KINDS == KINDS
