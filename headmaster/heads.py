@@ -272,13 +272,8 @@ def train_head(head_name: str, classes: list[str], vectors: np.ndarray, labels: 
     threshold from the validation split unless `config.threshold` is set.
     """
     n_classes = len(classes)
-    if n_classes < 2:
-        raise HeadmasterError(f"head '{head_name}' needs at least 2 classes")
     labels = np.asarray(labels, dtype=np.int64)
-    train_idx, val_idx = stratified_split(labels, config.val_fraction, config.seed)
-    val_on_train = len(val_idx) == 0
-    if val_on_train:
-        val_idx = train_idx
+    train_idx, val_idx, val_on_train = training_split(head_name, n_classes, labels, config)
     x = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
     y = torch.as_tensor(labels)
     weights = class_weights(labels[train_idx], n_classes)
@@ -290,29 +285,56 @@ def train_head(head_name: str, classes: list[str], vectors: np.ndarray, labels: 
         torch.set_num_threads(threads)
     with torch.no_grad():
         logits = module(x[val_idx])
-    y_val = labels[val_idx]
-    checkpoint: dict[str, Any] = {
-        "type": "binary" if n_classes == 2 else "multiclass",
-        "kind": "mlp",
-        "input_dim": int(vectors.shape[1]),
-        "model": model_name,
-        "model_state_dict": module.state_dict(),
-    }
     if n_classes == 2:
         p = torch.sigmoid(logits[:, 0]).numpy()
-        threshold = config.threshold if config.threshold is not None else best_f1_threshold(y_val, p)
-        checkpoint["threshold"] = float(threshold)
-        metrics: dict[str, Any] = binary_metrics(y_val, p, threshold)
+        val_probs = np.stack([1 - p, p], axis=1)
+        threshold = config.threshold if config.threshold is not None else best_f1_threshold(labels[val_idx], p)
     else:
-        metrics = multiclass_metrics(y_val, logits.argmax(dim=1).numpy(), classes)
+        val_probs, threshold = torch.softmax(logits, dim=1).numpy(), None
+    checkpoint = assemble_checkpoint("mlp", head_name, classes, int(vectors.shape[1]), model_name,
+                                     module.state_dict(), sources, labels[val_idx], val_probs, threshold)
+    return TrainOutcome(checkpoint, len(train_idx), 0 if val_on_train else len(val_idx), val_on_train)
+
+
+def training_split(head_name: str, n_classes: int, labels: np.ndarray, config: TrainConfig
+                   ) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(train, val, val_on_train): the stratified split every head kind trains and reports on.
+
+    With too few images for a validation part, validation falls back to the training part.
+    """
+    if n_classes < 2:
+        raise HeadmasterError(f"head '{head_name}' needs at least 2 classes")
+    train_idx, val_idx = stratified_split(labels, config.val_fraction, config.seed)
+    if len(val_idx) == 0:
+        return train_idx, train_idx, True
+    return train_idx, val_idx, False
+
+
+def assemble_checkpoint(kind: str, head_name: str, classes: list[str], input_dim: int, model_name: str,
+                        state_dict: dict[str, torch.Tensor], sources: dict[str, list[str]], y_val: np.ndarray,
+                        val_probs: np.ndarray, threshold: float | None, **metadata: Any) -> dict[str, Any]:
+    """The seed's checkpoint dictionary (plus `kind`), with metrics measured on the validation part."""
+    checkpoint: dict[str, Any] = {
+        "type": "binary" if len(classes) == 2 else "multiclass",
+        "kind": kind,
+        "input_dim": input_dim,
+        "model": model_name,
+        "model_state_dict": state_dict,
+    }
+    if len(classes) == 2:
+        checkpoint["threshold"] = float(threshold if threshold is not None else 0.5)
+        metrics: dict[str, Any] = binary_metrics(y_val, val_probs[:, 1], checkpoint["threshold"])
+    else:
+        metrics = multiclass_metrics(y_val, val_probs.argmax(axis=1), classes)
     checkpoint["classes"] = list(classes)
     checkpoint["sources"] = {c: list(sources.get(c, [])) for c in classes}
     checkpoint["metadata"] = {
         "head": head_name,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "metrics": metrics,
+        **metadata,
     }
-    return TrainOutcome(checkpoint, len(train_idx), 0 if val_on_train else len(val_idx), val_on_train)
+    return checkpoint
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:

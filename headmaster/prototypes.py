@@ -13,16 +13,12 @@ threshold for binary, classes, sources, metadata) plus `kind: "prototype"`;
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Any
-
 import numpy as np
 import torch
 from torch import nn
 
 from headmaster.errors import HeadmasterError
-from headmaster.heads import (TrainConfig, TrainOutcome, binary_metrics, multiclass_metrics, prepare_inputs,
-                              stratified_split)
+from headmaster.heads import TrainConfig, TrainOutcome, assemble_checkpoint, prepare_inputs, training_split
 
 DEFAULT_TEMPERATURE = 0.05
 # Candidate temperatures for the validation fit: cosine gaps between classes range from ~0.001 (tiny random
@@ -102,39 +98,16 @@ def train_prototypes(head_name: str, classes: list[str], vectors: np.ndarray, la
     can choose a better one from out-of-fold scores.
     """
     n_classes = len(classes)
-    if n_classes < 2:
-        raise HeadmasterError(f"head '{head_name}' needs at least 2 classes")
     labels = np.asarray(labels, dtype=np.int64)
-    train_idx, val_idx = stratified_split(labels, config.val_fraction, config.seed)
-    val_on_train = len(val_idx) == 0
-    if val_on_train:
-        val_idx = train_idx
+    train_idx, val_idx, val_on_train = training_split(head_name, n_classes, labels, config)
     x = prepare_inputs(vectors)
     temperature = fit_temperature(class_prototypes(vectors[train_idx], labels[train_idx], n_classes),
                                   x[val_idx], labels[val_idx])
     held_out = PrototypeHead(class_prototypes(vectors[train_idx], labels[train_idx], n_classes), temperature)
     probs = _probabilities(held_out, x[val_idx])
-    y_val = labels[val_idx]
     module = PrototypeHead(class_prototypes(vectors, labels, n_classes), temperature)
-    checkpoint: dict[str, Any] = {
-        "type": "binary" if n_classes == 2 else "multiclass",
-        "kind": "prototype",
-        "input_dim": int(vectors.shape[1]),
-        "model": model_name,
-        "model_state_dict": module.state_dict(),
-    }
-    if n_classes == 2:
-        threshold = config.threshold if config.threshold is not None else 0.5
-        checkpoint["threshold"] = float(threshold)
-        metrics: dict[str, Any] = binary_metrics(y_val, probs[:, 1], threshold)
-    else:
-        metrics = multiclass_metrics(y_val, probs.argmax(axis=1), classes)
-    checkpoint["classes"] = list(classes)
-    checkpoint["sources"] = {c: list(sources.get(c, [])) for c in classes}
-    checkpoint["metadata"] = {
-        "head": head_name,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "metrics": metrics,
-        "temperature": temperature,
-    }
+    threshold = config.threshold if n_classes == 2 else None
+    checkpoint = assemble_checkpoint("prototype", head_name, classes, int(vectors.shape[1]), model_name,
+                                     module.state_dict(), sources, labels[val_idx], probs, threshold,
+                                     temperature=temperature)
     return TrainOutcome(checkpoint, len(train_idx), 0 if val_on_train else len(val_idx), val_on_train)
