@@ -3,23 +3,79 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import click
 
-from headmaster import checkpoints, registry, status as status_mod
+from headmaster import checkpoints, registry
 from headmaster.context import Context, EmbedOptions
 from headmaster.errors import HeadmasterError
-from headmaster.evaluation import confusion_matrix, format_confusion
-from headmaster.heads import TrainConfig
-from headmaster.pipeline import Skipped
-from headmaster.sorting import classify_folder
-from headmaster.training import embed_heads, head_names, train_one
+from headmaster.labels import import_labels as import_labels_fn, read_label_csv
+from headmaster.output import FORMATS, write_rows
+from headmaster.workspace import Workspace
+
+if TYPE_CHECKING:
+    from headmaster.pipeline import Skipped
+
+
+class LazyModule:
+    """A module imported on first attribute access."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+def lazy(module: str, name: str) -> Callable:
+    """A library function imported when first called: torch and transformers load only for commands
+    that need them, so `hm --help`, `hm model-list` and the like answer at once."""
+
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
+SIDECAR_KINDS = ("txt", "json")  # headmaster.sidecars.KINDS, named here so the option needs no torch import
+status_mod = LazyModule("headmaster.status")
+calibrate_head = lazy("headmaster.calibration", "calibrate_head")
+format_calibration = lazy("headmaster.calibration", "format_calibration")
+plot_calibration = lazy("headmaster.calibration", "plot_calibration")
+compare_models = lazy("headmaster.comparison", "compare_models")
+format_comparison = lazy("headmaster.comparison", "format_comparison")
+confusion_matrix = lazy("headmaster.evaluation", "confusion_matrix")
+format_confusion = lazy("headmaster.evaluation", "format_confusion")
+plot_confusion = lazy("headmaster.evaluation", "plot_confusion")
+TrainConfig = lazy("headmaster.heads", "TrainConfig")
+evaluate_head = lazy("headmaster.repeated", "evaluate_head")
+format_evaluation = lazy("headmaster.repeated", "format_evaluation")
+parse_kinds = lazy("headmaster.repeated", "parse_kinds")
+plot_evaluation = lazy("headmaster.repeated", "plot_evaluation")
+dupes_rows = lazy("headmaster.duplicates", "dupes_rows")
+find_near_duplicates = lazy("headmaster.duplicates", "find_near_duplicates")
+hashed_leaks = lazy("headmaster.duplicates", "hashed_leaks")
+indexed_leaks = lazy("headmaster.duplicates", "indexed_leaks")
+find_suspects = lazy("headmaster.ranking", "find_suspects")
+rank_folder = lazy("headmaster.ranking", "rank_folder")
+rank_rows = lazy("headmaster.ranking", "rank_rows")
+suspect_rows = lazy("headmaster.ranking", "suspect_rows")
+write_sidecars = lazy("headmaster.sidecars", "write_sidecars")
+classify_folder = lazy("headmaster.sorting", "classify_folder")
+prediction_rows = lazy("headmaster.sorting", "prediction_rows")
+predict_heads = lazy("headmaster.sorting", "predict_heads")
+source_images = lazy("headmaster.sorting", "source_images")
+embed_heads = lazy("headmaster.training", "embed_heads")
+head_names = lazy("headmaster.training", "head_names")
+train_one = lazy("headmaster.training", "train_one")
 
 
 def _err(message: str) -> None:
@@ -168,12 +224,16 @@ def embed(obj, head, device, batch_size, workers) -> None:
 @click.option("--epochs", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the split and the weights.")
+@click.option("--kind", type=click.Choice(["mlp", "prototype"]), default=None,
+              help="mlp: the seed's trained MLP. prototype: one mean vector per class, cosine similarity, "
+                   "no training (--epochs and --lr do not apply). Default: the kind of the head's current "
+                   "checkpoint, else mlp.")
 @embed_options
 @click.pass_obj
 @user_errors
-def train(obj, head, threshold, epochs, lr, seed, device, batch_size, workers) -> None:
+def train(obj, head, threshold, epochs, lr, seed, kind, device, batch_size, workers) -> None:
     """Embed, then train heads and write out/<head>.pt."""
-    config = TrainConfig(epochs=epochs, lr=lr, seed=seed, threshold=threshold)
+    config = TrainConfig(epochs=epochs, lr=lr, seed=seed, threshold=threshold, kind=kind)
     failed = 0
     with _context(obj, device, batch_size, workers) as c:
         names = head_names(c, head)
@@ -199,7 +259,8 @@ def train(obj, head, threshold, epochs, lr, seed, device, batch_size, workers) -
                 score = f"accuracy {m['accuracy']:.2f}, macro F1 {macro:.2f}"
             where = os.path.relpath(r.checkpoint_path) if not str(os.path.relpath(r.checkpoint_path)).startswith("..") \
                 else str(r.checkpoint_path)
-            click.echo(f"Trained {name} ({r.head_type}, {len(r.classes)} classes, {r.images} images: "
+            shown_type = r.head_type + (" prototype" if r.kind == "prototype" else "")
+            click.echo(f"Trained {name} ({shown_type}, {len(r.classes)} classes, {r.images} images: "
                        f"{r.train_count} train / {r.val_count} validation): {score} -> {where}")
     if failed:
         sys.exit(1)
@@ -215,29 +276,135 @@ def status(obj, head) -> None:
     """Show all heads, or one head in detail."""
     with _context(obj) as c:
         if head:
+            detail = status_mod.head_status(c.workspace, head)
+            click.echo(status_mod.format_status_detail(detail, c.workspace.heads_dir))
+            leaks, unknown = indexed_leaks(c.workspace, c.store, head, detail.labelled)  # file index only
+            for leak in leaks:
+                click.echo(f"Warning: {leak.describe(c.workspace.root)}")
+            if unknown:
+                click.echo(f"Leak check: {unknown} image(s) not hashed yet, not checked (`hm embed --head {head}` "
+                           f"hashes heads/, `hm confusion-matrix --head {head}` test/ too)")
             click.echo(status_mod.format_status_detail(status_mod.head_status(c.workspace, head),
                                                        c.workspace.heads_dir))
+            from headmaster.learning import correction_counts  # learning from corrections (daemon)
+
+            learned = correction_counts(c.store, head)
+            if learned["examples"]:
+                click.echo(f"From corrections: {learned['examples']} examples "
+                           f"({learned['corrections']} corrections, {learned['confirmed']} confirmed)")
         else:
             click.echo(status_mod.format_status_table(status_mod.all_status(c.workspace)))
 
 
 @cli.command()
-@click.option("--head", required=True, help="Trained head to use.")
+@click.option("--head", default=None, help="Trained head to use.")
+@click.option("--heads", default=None, metavar="A,B,C",
+              help="Several trained heads (comma separated), scored from one vector per image: writes rows "
+                   "(or sidecars), never copies.")
 @click.option("--src", required=True, type=click.Path(), help="Folder of images to classify (not recursive).")
 @click.option("--dest", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: <workspace>/classified/<head>/).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
+              help="Write one row per image with every head's probabilities and prediction instead of copying "
+                   "(default with --heads: csv).")
+@click.option("--output", type=click.Path(dir_okay=False), default=None,
+              help="Write the rows to this file instead of stdout.")
+@click.option("--sidecar", type=click.Choice(SIDECAR_KINDS), default=None,
+              help="Write name.txt (predicted classes) or name.json (all scores) beside each image instead of copying.")
+@click.option("--overwrite", is_flag=True, help="Replace existing sidecars or an existing --output file.")
+@click.option("--tta", is_flag=True,
+              help="Average each image's vector with its mirror image's (mirrored vectors are cached too).")
+@click.option("--dry-run", is_flag=True, help="Print every copy or sidecar that would be made; change no file.")
 @embed_options
 @click.pass_obj
 @user_errors
-def classify(obj, head, src, dest, device, batch_size, workers) -> None:
-    """Copy images from SRC into bucket folders (and uncertain/) by a trained head."""
+def classify(obj, head, heads, src, dest, fmt, output, sidecar, overwrite, tta, dry_run, device, batch_size,
+             workers) -> None:
+    """Copy images from SRC into bucket folders (and uncertain/) by a trained head.
+
+    With --heads, --format or --output: print one row per image with each head's
+    scores instead. With --sidecar: write the prediction beside each image instead.
+    """
+    names = _head_list(head, heads)
+    rows_mode = heads is not None or fmt is not None or output is not None
+    if sidecar and (fmt or output):
+        raise HeadmasterError("--sidecar writes files beside the images; it cannot be combined with --format/--output")
+    if dest and (rows_mode or sidecar):
+        raise HeadmasterError("--dest is only for copying with --head; rows and sidecars copy nothing")
+    if overwrite and not (sidecar or output):
+        raise HeadmasterError("--overwrite only applies to --sidecar or --output")
     with _context(obj, device, batch_size, workers) as c:
-        report = classify_folder(c, head, Path(src), Path(dest) if dest else None)
-        _print_skipped(report.skipped, Path(src))
-        counts = report.counts()
-        summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing"
-        click.echo(f"Classified {len(report.decisions)} images into {report.dest}: {summary}"
-                   + (f" ({len(report.skipped)} skipped)" if report.skipped else ""))
+        if sidecar:
+            _classify_sidecars(c, names, Path(src), sidecar, overwrite, dry_run, tta)
+        elif rows_mode:
+            _classify_rows(c, names, Path(src), fmt or "csv", output, overwrite, dry_run, tta)
+        else:
+            _classify_copy(c, names[0], Path(src), Path(dest) if dest else None, dry_run, tta)
+
+
+def _head_list(head: str | None, heads: str | None) -> list[str]:
+    if (head is None) == (heads is None):
+        raise HeadmasterError("give either --head H or --heads A,B,C")
+    if head is not None:
+        return [head]
+    names = [h.strip() for h in heads.split(",") if h.strip()]
+    if not names:
+        raise HeadmasterError("--heads needs at least one head name")
+    return names
+
+
+def _shown(path: Path, root: Path | None = None) -> str:
+    """A path as the user typed it: relative to the working directory when below it."""
+    try:
+        return os.path.relpath(path) if not os.path.relpath(path).startswith("..") else str(path)
+    except ValueError:
+        return str(path)
+
+
+def _classify_copy(c: Context, head: str, src: Path, dest: Path | None, dry_run: bool, tta: bool) -> None:
+    report = classify_folder(c, head, src, dest, dry_run=dry_run, tta=tta)
+    _print_skipped(report.skipped, src)
+    if dry_run:
+        for d, target in report.placed:
+            p = d.probabilities.get(d.bucket, d.score)  # the decided bucket's own probability reads best
+            click.echo(f"would copy {_shown(d.path)} -> {_shown(target)} ({d.bucket}, {p:.2f})")
+    counts = report.counts()
+    summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing"
+    click.echo(("Dry run: would classify" if dry_run else "Classified")
+               + f" {len(report.decisions)} images into {report.dest}: {summary}"
+               + (f" ({len(report.skipped)} skipped)" if report.skipped else "")
+               + ("; nothing was copied" if dry_run else ""))
+
+
+def _classify_rows(c: Context, names: list[str], src: Path, fmt: str, output: str | None, overwrite: bool,
+                   dry_run: bool, tta: bool) -> None:
+    report = predict_heads(c, names, source_images(src), tta)
+    _print_skipped(report.skipped, src)
+    rows = prediction_rows(report)
+    if output is None:
+        write_rows(rows, fmt, sys.stdout)
+    elif dry_run:
+        exists = Path(output).exists()
+        if exists and not overwrite:
+            raise HeadmasterError(f"{output} already exists (use --overwrite to replace it)")
+        click.echo(f"would {'replace' if exists else 'write'} {output} ({len(rows)} rows, {fmt})")
+    else:
+        write_rows(rows, fmt, path=Path(output), overwrite=overwrite)
+        click.echo(f"Wrote {len(rows)} rows ({', '.join(names)}) to {output}", err=True)
+
+
+def _classify_sidecars(c: Context, names: list[str], src: Path, kind: str, overwrite: bool, dry_run: bool,
+                       tta: bool) -> None:
+    report = write_sidecars(c, names, src, kind, overwrite, dry_run, tta)
+    _print_skipped(report.skipped, src)
+    for a in report.actions:
+        if dry_run or a.what == "kept":
+            note = " (exists; --overwrite replaces it)" if a.what == "kept" else ""
+            click.echo(f"{'would keep' if a.what == 'kept' and dry_run else a.what} {_shown(a.sidecar)}{note}")
+    counts = report.counts()
+    summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no images"
+    click.echo(("Dry run: " if dry_run else "") + f"{kind} sidecars for {len(report.actions)} images in {src}: "
+               + summary + (f" ({len(report.skipped)} skipped)" if report.skipped else ""))
 
 
 @cli.command("confusion-matrix")
@@ -245,15 +412,22 @@ def classify(obj, head, src, dest, device, batch_size, workers) -> None:
 @click.option("--test-dir", type=click.Path(), default=None,
               help="Labelled test folder (default: <workspace>/test/<head>/).")
 @click.option("--extended", is_flag=True, help="List every image as [CORRECT] or [WRONG].")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Also draw the matrix as a PNG here.")
 @embed_options
 @click.pass_obj
 @user_errors
-def confusion_matrix_cmd(obj, head, test_dir, extended, device, batch_size, workers) -> None:
+def confusion_matrix_cmd(obj, head, test_dir, extended, plot, device, batch_size, workers) -> None:
     """Evaluate a trained head on a labelled test set."""
     with _context(obj, device, batch_size, workers) as c:
         result = confusion_matrix(c, head, Path(test_dir) if test_dir else None)
         _print_skipped(result.skipped, c.workspace.root)
         click.echo(format_confusion(result, extended, root=Path.cwd()))
+        if plot:
+            plot_confusion(result, Path(plot))
+            click.echo(f"Wrote {plot}")
+        if (c.workspace.heads_dir / head).is_dir():
+            for leak in hashed_leaks(c, head, Path(test_dir) if test_dir else None):
+                _warn(leak.describe(c.workspace.root))
 
 
 # -- checkpoints ----------------------------------------------------------------
@@ -278,6 +452,260 @@ def clean(obj, head) -> None:
     with _context(obj) as c:
         removed = checkpoints.clean_checkpoints(c.workspace, head)
     click.echo(f"Removed {len(removed)} checkpoint(s)" + "".join(f"\n  {p.name}" for p in removed))
+
+# -- evaluation -------------------------------------------------------------------
+
+@cli.command()
+@click.option("--head", required=True, help="Head to evaluate (its images in heads/<head>/).")
+@click.option("--repeats", type=click.IntRange(min=2), default=20, show_default=True,
+              help="Random stratified splits to average over.")
+@click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True, help="Share of each class held out for testing in every split.")
+@click.option("--kind", type=click.Choice(["mlp", "prototype", "logreg", "all"]), default="all", show_default=True,
+              help="Which head kind(s) to measure; logreg is a plain logistic-regression baseline.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the first split (then seed+1, ...).")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Write the cumulative accuracy function as a PNG here.")
+@embed_options
+@click.pass_obj
+@user_errors
+def evaluate(obj, head, repeats, test_size, kind, seed, plot, device, batch_size, workers) -> None:
+    """Mean test accuracy with a 95% interval over repeated random splits of a head's images."""
+    with _context(obj, device, batch_size, workers) as c:
+        ev = evaluate_head(c, head, parse_kinds(kind), repeats, test_size, seed)
+        _print_skipped(ev.skipped, c.workspace.root)
+        click.echo(format_evaluation(ev))
+        if plot:
+            plot_evaluation(ev, Path(plot))
+            click.echo(f"Wrote {plot}")
+
+@cli.command()
+@click.option("--head", required=True, help="Trained head to calibrate.")
+@click.option("--target-precision", type=click.FloatRange(0, 1), default=None,
+              help="Binary: the threshold with the most recall whose out-of-fold precision reaches this.")
+@click.option("--target-recall", type=click.FloatRange(0, 1), default=None,
+              help="Binary: the threshold with the most precision whose out-of-fold recall reaches this.")
+@click.option("--f1", "best_f1", is_flag=True, help="Binary: the threshold with the best out-of-fold F1.")
+@click.option("--min-confidence", type=click.FloatRange(0, 1), default=None,
+              help="Multi-class: store this cut (top probability below it goes to uncertain/).")
+@click.option("--repeats", type=click.IntRange(min=2), default=10, show_default=True,
+              help="Random stratified splits whose test scores are pooled.")
+@click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True, help="Share of each class held out in every split.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the first split (then seed+1, ...).")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Write the precision/recall curve (binary) or the confidence-cut curve as a PNG here.")
+@embed_options
+@click.pass_obj
+@user_errors
+def calibrate(obj, head, target_precision, target_recall, best_f1, min_confidence, repeats, test_size, seed, plot,
+              device, batch_size, workers) -> None:
+    """Show the threshold trade-off from out-of-fold scores; store a chosen threshold or cut in the checkpoint."""
+    with _context(obj, device, batch_size, workers) as c:
+        cal = calibrate_head(c, head, target_precision, target_recall, best_f1, min_confidence, repeats, test_size,
+                             seed)
+        click.echo(format_calibration(cal))
+        if plot:
+            plot_calibration(cal, Path(plot))
+            click.echo(f"Wrote {plot}")
+
+@cli.command("compare-models")
+@click.option("--head", required=True, help="Head whose images decide.")
+@click.option("--models", default=None, metavar="A,B,C", help="Registered models to compare (default: all).")
+@click.option("--kind", type=click.Choice(["mlp", "prototype", "logreg"]), default="mlp", show_default=True,
+              help="Head kind measured on every model's vectors.")
+@click.option("--repeats", type=click.IntRange(min=2), default=10, show_default=True,
+              help="Random stratified splits per model.")
+@click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True, help="Share of each class held out in every split.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the first split (then seed+1, ...).")
+@embed_options
+@click.pass_obj
+@user_errors
+def compare_models_cmd(obj, head, models, kind, repeats, test_size, seed, device, batch_size, workers) -> None:
+    """Embed the head with every registered model and rank them: accuracy ± interval, ms/image, size."""
+    names = [n.strip() for n in models.split(",") if n.strip()] if models else None
+    with _context(obj, device, batch_size, workers) as c:
+        result = compare_models(c, head, names, kind, repeats, test_size, seed)
+        _print_skipped(result.skipped, c.workspace.root)
+        click.echo(format_comparison(result))
+
+
+# -- workflows: ranking, suspects, duplicates, CSV labels ----------------------------
+
+def format_option(fn: Callable) -> Callable:
+    return click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+                        help="Output as an aligned table, CSV or JSON.")(fn)
+
+
+@cli.command()
+@click.option("--head", required=True, help="Trained head to rank by.")
+@click.option("--src", required=True, type=click.Path(), help="Folder of images to rank (not recursive).")
+@click.option("--bucket", default=None,
+              help="Rank by this bucket's probability (default: 'positive', else a binary head's scored class, "
+                   "else the first class).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Show only the first N images.")
+@click.option("--reverse", is_flag=True, help="Least likely first.")
+@click.option("--tta", is_flag=True, help="Average each image's vector with its mirror image's.")
+@format_option
+@embed_options
+@click.pass_obj
+@user_errors
+def rank(obj, head, src, bucket, limit, reverse, tta, fmt, device, batch_size, workers) -> None:
+    """List the images of SRC by the probability of one bucket, most likely first (copies nothing)."""
+    with _context(obj, device, batch_size, workers) as c:
+        report = rank_folder(c, head, Path(src), bucket, limit, reverse, tta)
+        _print_skipped(report.skipped, Path(src))
+        if not report.ranked and fmt == "table":
+            click.echo(f"No images to rank in {src}")
+            return
+        write_rows(rank_rows(report), fmt, sys.stdout)
+
+
+@cli.command()
+@click.option("--head", required=True, help="Head whose training images to check.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Show the N most suspect.")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
+              help="Train this many heads, each scoring the images it did not see.")
+@click.option("--epochs", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the folds and the weights.")
+@format_option
+@embed_options
+@click.pass_obj
+@user_errors
+def suspects(obj, head, limit, folds, epochs, seed, fmt, device, batch_size, workers) -> None:
+    """List training images that their own bucket fits worst: likely label errors.
+
+    Every image is scored by a head trained without it (out-of-fold); the
+    lowest probability for the image's own bucket comes first, with the bucket
+    that head prefers. The head's checkpoint is not changed.
+    """
+    with _context(obj, device, batch_size, workers) as c:
+        report = find_suspects(c, head, folds, TrainConfig(epochs=epochs, seed=seed), limit)
+        _print_skipped(report.skipped, c.workspace.root)
+        for w in report.warnings:
+            _warn(w)
+        write_rows(suspect_rows(report, c.workspace.heads_dir), fmt, sys.stdout)
+
+
+@cli.command()
+@click.option("--head", required=True, help="Head whose images (heads/H and test/H) to compare.")
+@click.option("--threshold", type=click.FloatRange(-1, 1), default=0.98, show_default=True,
+              help="Cosine similarity from which two images count as near-duplicates.")
+@click.option("--same-bucket", is_flag=True, help="Also list pairs inside one bucket.")
+@click.option("--test-dir", type=click.Path(), default=None,
+              help="Labelled test folder (default: <workspace>/test/<head>/ when it exists).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Show only the N most similar pairs.")
+@format_option
+@embed_options
+@click.pass_obj
+@user_errors
+def dupes(obj, head, threshold, same_bucket, test_dir, limit, fmt, device, batch_size, workers) -> None:
+    """List near-duplicate image pairs across buckets and across heads/ and test/."""
+    with _context(obj, device, batch_size, workers) as c:
+        report = find_near_duplicates(c, head, threshold, same_bucket, Path(test_dir) if test_dir else None, limit)
+        _print_skipped(report.skipped, c.workspace.root)
+        if not report.pairs and fmt == "table":
+            click.echo(f"No pairs at or above {threshold} among {report.images} images")
+            return
+        write_rows(dupes_rows(report, c.workspace.root), fmt, sys.stdout)
+
+
+@cli.command("import-labels")
+@click.argument("csv_file", metavar="LABELS.CSV", type=click.Path(dir_okay=False))
+@click.option("--images", required=True, type=click.Path(file_okay=False),
+              help="Folder the first column's file names are relative to.")
+@click.option("--link/--copy", "link", default=True, show_default=True,
+              help="Hard-link the images into heads/ (a copy where links are impossible), or copy them.")
+@click.option("--dry-run", is_flag=True, help="Print every link or copy that would be made; change no file.")
+@click.option("--skip-bad-rows", is_flag=True,
+              help="Import the good rows even if some rows are bad (a bad row still imports nothing).")
+@click.pass_obj
+@user_errors
+def import_labels(obj, csv_file, images, link, dry_run, skip_bad_rows) -> None:
+    """Make heads from a CSV: first column an image file, every other column a head, each value a bucket.
+
+    The whole file is checked first. Any bad row (unknown image, wrong number
+    of cells, impossible name) is reported with its line number and nothing is
+    imported, unless --skip-bad-rows. Empty cells are skipped; an image already
+    in its bucket is left as it is, so running twice adds nothing.
+    """
+    ws = Workspace.from_env(obj.get("workspace"))
+    plan = read_label_csv(Path(csv_file), Path(images))
+    for problem in plan.problems:  # all of them first, so one run shows everything to fix
+        if skip_bad_rows:
+            _warn(f"{csv_file} {problem} (row skipped)")
+        else:
+            _err(f"{csv_file} {problem}")
+    report = import_labels_fn(plan, ws.heads_dir, "link" if link else "copy", dry_run, skip_bad_rows)
+    if dry_run:
+        for p in report.placed:
+            click.echo(f"{p.how} {_shown(p.action.source)} -> {_shown(p.target)}")
+    counts = report.counts()
+    summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "nothing to do"
+    heads_used = sorted({p.action.head for p in report.placed})
+    click.echo(("Dry run: " if dry_run else "") + f"{len(report.placed)} labels from {plan.rows} rows into "
+               f"{len(heads_used)} heads ({', '.join(heads_used) or '-'}): {summary}"
+               + (f"; {len(plan.bad_lines)} bad rows skipped" if plan.problems else "")
+               + ("; nothing was changed" if dry_run else ""))
+
+
+# -- daemon config ----------------------------------------------------------------
+
+@cli.group("config")
+def config_group() -> None:
+    """The daemon's config file (config.toml)."""
+
+
+@config_group.command("init")
+@click.option("--path", "path", type=click.Path(dir_okay=False), default=None,
+              help="Where to write it (default: <workspace>/config.toml).")
+@click.pass_obj
+@user_errors
+def config_init_cmd(obj, path) -> None:
+    """Write a starting config with every key at its default (never overwrites)."""
+    from headmaster.config import CONFIG_NAME, config_init
+    from headmaster.workspace import Workspace
+
+    target = Path(path) if path else Workspace.from_env(obj.get("workspace")).root / CONFIG_NAME
+    written = config_init(target, obj.get("workspace"))
+    click.echo(f"Wrote {written}")
+
+
+# -- learning from corrections ------------------------------------------------------
+
+@cli.command()
+@click.option("--head", required=True, help="The head that learned the example.")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.pass_obj
+@user_errors
+def unlearn(obj, head: str, file: str) -> None:
+    """Remove the example a correction added for FILE (the corrected file or the example itself)."""
+    from headmaster.learning import unlearn as unlearn_file
+
+    with _context(obj) as c:
+        c.workspace.head(head)
+        example = unlearn_file(c.store, c.workspace, head, Path(file))
+    click.echo(f"Unlearned {example.relative_to(c.workspace.heads_dir)} (retrain to apply; hmd does it by itself)")
+
+
+@cli.command()
+@click.option("--head", required=True, help="Head whose corrections to list.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.pass_obj
+@user_errors
+def corrections(obj, head: str, limit: int) -> None:
+    """List the examples a head learned from corrections (newest first)."""
+    from headmaster.learning import corrections_log
+
+    with _context(obj) as c:
+        c.workspace.head(head)
+        rows = corrections_log(c.store, head, limit)
+        if not rows:
+            click.echo(f"No corrections for {head} yet")
+            return
+        for r in rows:
+            click.echo(f"{r.at}  {r.kind:<10}  {r.bucket:<12}  {os.path.relpath(r.source, c.workspace.root)}")
 
 
 def main() -> None:

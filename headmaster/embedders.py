@@ -121,8 +121,9 @@ class Embedder:
 
     def preprocess(self, images: list) -> np.ndarray:
         """The model's own preprocessing (resize, crop, normalise), as a float32 array (N, 3, H, W)."""
-        out = self.processor(images=images, return_tensors="np")["pixel_values"]
-        return np.asarray(out, dtype=np.float32)
+        # "pt" is the one tensor type every processor returns (timm's wrapper refuses "np")
+        out = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        return out.float().numpy()
 
     @torch.inference_mode()
     def embed_pixels(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:

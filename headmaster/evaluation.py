@@ -94,3 +94,13 @@ def format_confusion(result: ConfusionResult, extended: bool = False, root: Path
                             pass
                     lines.append(f"  {tag} {shown}")
     return "\n".join(lines)
+
+
+def plot_confusion(result: ConfusionResult, path: Path) -> Path:
+    """The matrix as a PNG: counts in the cells, shaded by the share of each actual class."""
+    from headmaster.plots import confusion_plot
+
+    where = f" in {result.test_dir.parent.name}/{result.test_dir.name}/" if result.test_dir else ""
+    title = (f"Confusion matrix, head {result.head}: {result.total} test images{where}\n"
+             f"accuracy {result.correct}/{result.total} ({100 * result.accuracy:.1f}%)")
+    return confusion_plot(result.matrix, result.classes, path, title)

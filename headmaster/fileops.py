@@ -15,12 +15,15 @@ from pathlib import Path
 TEMP_PREFIX = ".hm-tmp-"  # hidden, so scans ignore it; cleaned by `remove_stale_temps`
 
 
-def unique_path(folder: Path, name: str) -> Path:
-    """`folder/name` if free, else `stem_1.ext`, `stem_2.ext`, ... (the first free one)."""
+def unique_path(folder: Path, name: str, taken: set[Path] | None = None) -> Path:
+    """`folder/name` if free, else `stem_1.ext`, `stem_2.ext`, ... (the first free one).
+
+    Paths in `taken` count as used too: a dry run plans the names a real run would get.
+    """
     candidate = folder / name
     stem, suffix = os.path.splitext(name)
     n = 0
-    while os.path.lexists(candidate):
+    while os.path.lexists(candidate) or (taken is not None and candidate in taken):
         n += 1
         candidate = folder / f"{stem}_{n}{suffix}"
     return candidate
@@ -85,6 +88,20 @@ def copy_into(src: Path, folder: Path, name: str | None = None) -> Path:
         raise
     fsync_dir(folder)
     return target
+
+
+def link_into(src: Path, folder: Path, name: str | None = None) -> tuple[Path, str]:
+    """Hard-link `src` into `folder` under a free name, or copy it where links cannot be made
+    (another filesystem, no link support). Returns (new path, 'linked' or 'copied')."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        target = _link_unique(Path(src), folder, name or Path(src).name)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        return copy_into(Path(src), folder, name), "copied"
+    fsync_dir(folder)
+    return target, "linked"
 
 
 def move_into(src: Path, folder: Path, name: str | None = None) -> Path:

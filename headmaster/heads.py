@@ -24,6 +24,7 @@ from headmaster.errors import HeadmasterError
 UNCERTAIN = "uncertain"
 BINARY_MARGIN = 0.1  # binary: within this of the threshold is uncertain
 MULTICLASS_MIN_CONFIDENCE = 0.5  # multi-class: top probability below this is uncertain
+HEAD_KINDS = ("mlp", "prototype")  # checkpoint "kind"; a checkpoint without one is an mlp
 
 
 @dataclass(frozen=True)
@@ -34,13 +35,20 @@ class TrainConfig:
     val_fraction: float = 0.2
     seed: int = 0
     threshold: float | None = None  # binary only: overrides the F1 sweep
+    kind: str | None = None  # "mlp" or "prototype" (prototypes.py); None: keep the checkpoint's kind, else mlp
 
 
 class HeadMLP(nn.Module):
-    """input_dim -> 256 (ReLU, Dropout 0.3) -> 128 (ReLU, Dropout 0.2) -> 1 or N logits."""
+    """input_dim -> 256 (ReLU, Dropout 0.3) -> 128 (ReLU, Dropout 0.2) -> 1 or N logits.
+
+    It takes raw backbone vectors: forward() L2-normalises them, subtracts the
+    training mean (the `input_mean` buffer, saved in the state dict) and scales
+    by sqrt(input_dim), so a checkpoint needs nothing else to be used.
+    """
 
     def __init__(self, input_dim: int, outputs: int):
         super().__init__()
+        self.register_buffer("input_mean", torch.zeros(input_dim))
         self.net = nn.Sequential(
             nn.Linear(input_dim, 256), nn.ReLU(), nn.Dropout(0.3),
             nn.Linear(256, 128), nn.ReLU(), nn.Dropout(0.2),
@@ -48,14 +56,15 @@ class HeadMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return self.net((x - self.input_mean) * math.sqrt(x.shape[1]))
 
 
 def prepare_inputs(vectors: np.ndarray) -> torch.Tensor:
-    """What a head sees: each vector L2-normalised, then scaled by sqrt(dim).
+    """Vectors as float32, L2-normalised and scaled by sqrt(dim): unit RMS per feature.
 
-    Backbones differ wildly in vector scale (CLIP ~10, DINOv2 ~50, CNN pools ~1);
-    this puts every feature at unit RMS so the seed's lr and init work for all.
+    Backbones differ wildly in vector scale (CLIP ~10, DINOv2 ~50, CNN pools ~1).
+    HeadMLP applies this itself (plus centring); other head kinds share it.
     """
     x = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
     x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -123,7 +132,17 @@ class TrainedHead:
     """A head ready to predict, built from a checkpoint dictionary."""
 
     checkpoint: dict[str, Any]
-    module: HeadMLP = field(repr=False)
+    module: nn.Module = field(repr=False)  # HeadMLP or prototypes.PrototypeHead: same logits contract
+
+    @property
+    def kind(self) -> str:
+        return self.checkpoint.get("kind", "mlp")
+
+    @property
+    def min_confidence(self) -> float:
+        """Multi-class uncertainty cut: the checkpoint's `min_confidence` (hm calibrate), else 0.5."""
+        c = self.checkpoint.get("min_confidence")
+        return MULTICLASS_MIN_CONFIDENCE if c is None else float(c)
 
     @property
     def type(self) -> str:
@@ -157,7 +176,7 @@ class TrainedHead:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
         self.module.eval()
         with torch.inference_mode():
-            logits = self.module(prepare_inputs(vectors))
+            logits = self.module(torch.as_tensor(vectors))
         if self.type == "binary":
             p = torch.sigmoid(logits[:, 0]).numpy()
             return np.stack([1 - p, p], axis=1)
@@ -167,7 +186,8 @@ class TrainedHead:
         """(bucket or 'uncertain', score) per row: the seed's two uncertainty rules.
 
         Binary: the score is the probability of classes[1], uncertain within 0.1 of the
-        threshold. Multi-class: the score is the top probability, uncertain below 0.5.
+        threshold. Multi-class: the score is the top probability, uncertain below
+        `min_confidence` (0.5 unless the checkpoint stores another cut).
         """
         out: list[tuple[str, float]] = []
         for row in probs:
@@ -178,7 +198,7 @@ class TrainedHead:
             else:
                 i = int(np.argmax(row))
                 conf = float(row[i])
-                out.append((UNCERTAIN if conf < MULTICLASS_MIN_CONFIDENCE else self.classes[i], conf))
+                out.append((UNCERTAIN if conf < self.min_confidence else self.classes[i], conf))
         return out
 
     def predict_labels(self, probs: np.ndarray) -> np.ndarray:
@@ -194,6 +214,8 @@ def _fit(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_va
     binary = n_classes == 2
     torch.manual_seed(config.seed)
     module = HeadMLP(x_train.shape[1], 1 if binary else n_classes)
+    unit = x_train / x_train.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    module.input_mean.copy_(unit.mean(dim=0))
     optimiser = torch.optim.Adam(module.parameters(), lr=config.lr)
     w = torch.as_tensor(weights)
 
@@ -205,8 +227,12 @@ def _fit(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_va
         sw = w[y]
         return (raw * sw).sum() / sw.sum().clamp_min(1e-12)
 
+    def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+        pred = (logits[:, 0] >= 0).long() if binary else logits.argmax(dim=1)
+        return float((pred == y).float().mean())
+
     generator = torch.Generator().manual_seed(config.seed)
-    best_state, best_loss = None, math.inf
+    best_state, best_key = None, (-math.inf, -math.inf)
     for _ in range(config.epochs):
         module.train()
         order = torch.randperm(len(x_train), generator=generator)
@@ -218,9 +244,11 @@ def _fit(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_va
             optimiser.step()
         module.eval()
         with torch.no_grad():
-            val_loss = float(loss_fn(module(x_val), y_val))
-        if val_loss < best_loss:  # keep the weights of the best validation epoch
-            best_loss = val_loss
+            logits = module(x_val)
+            # best validation epoch: highest accuracy, ties to the lower loss (loss alone stops too early)
+            key = (accuracy(logits, y_val), -float(loss_fn(logits, y_val)))
+        if key > best_key:
+            best_key = key
             best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
     if best_state is not None:
         module.load_state_dict(best_state)
@@ -244,41 +272,69 @@ def train_head(head_name: str, classes: list[str], vectors: np.ndarray, labels: 
     threshold from the validation split unless `config.threshold` is set.
     """
     n_classes = len(classes)
-    if n_classes < 2:
-        raise HeadmasterError(f"head '{head_name}' needs at least 2 classes")
     labels = np.asarray(labels, dtype=np.int64)
-    train_idx, val_idx = stratified_split(labels, config.val_fraction, config.seed)
-    val_on_train = len(val_idx) == 0
-    if val_on_train:
-        val_idx = train_idx
-    x = prepare_inputs(vectors)
+    train_idx, val_idx, val_on_train = training_split(head_name, n_classes, labels, config)
+    x = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
     y = torch.as_tensor(labels)
     weights = class_weights(labels[train_idx], n_classes)
-    module = _fit(x[train_idx], y[train_idx], x[val_idx], y[val_idx], n_classes, weights, config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a small MLP trains faster on one thread than on contended cores
+    try:
+        module = _fit(x[train_idx], y[train_idx], x[val_idx], y[val_idx], n_classes, weights, config)
+    finally:
+        torch.set_num_threads(threads)
     with torch.no_grad():
         logits = module(x[val_idx])
-    y_val = labels[val_idx]
-    checkpoint: dict[str, Any] = {
-        "type": "binary" if n_classes == 2 else "multiclass",
-        "input_dim": int(vectors.shape[1]),
-        "model": model_name,
-        "model_state_dict": module.state_dict(),
-    }
     if n_classes == 2:
         p = torch.sigmoid(logits[:, 0]).numpy()
-        threshold = config.threshold if config.threshold is not None else best_f1_threshold(y_val, p)
-        checkpoint["threshold"] = float(threshold)
-        metrics: dict[str, Any] = binary_metrics(y_val, p, threshold)
+        val_probs = np.stack([1 - p, p], axis=1)
+        threshold = config.threshold if config.threshold is not None else best_f1_threshold(labels[val_idx], p)
     else:
-        metrics = multiclass_metrics(y_val, logits.argmax(dim=1).numpy(), classes)
+        val_probs, threshold = torch.softmax(logits, dim=1).numpy(), None
+    checkpoint = assemble_checkpoint("mlp", head_name, classes, int(vectors.shape[1]), model_name,
+                                     module.state_dict(), sources, labels[val_idx], val_probs, threshold)
+    return TrainOutcome(checkpoint, len(train_idx), 0 if val_on_train else len(val_idx), val_on_train)
+
+
+def training_split(head_name: str, n_classes: int, labels: np.ndarray, config: TrainConfig
+                   ) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(train, val, val_on_train): the stratified split every head kind trains and reports on.
+
+    With too few images for a validation part, validation falls back to the training part.
+    """
+    if n_classes < 2:
+        raise HeadmasterError(f"head '{head_name}' needs at least 2 classes")
+    train_idx, val_idx = stratified_split(labels, config.val_fraction, config.seed)
+    if len(val_idx) == 0:
+        return train_idx, train_idx, True
+    return train_idx, val_idx, False
+
+
+def assemble_checkpoint(kind: str, head_name: str, classes: list[str], input_dim: int, model_name: str,
+                        state_dict: dict[str, torch.Tensor], sources: dict[str, list[str]], y_val: np.ndarray,
+                        val_probs: np.ndarray, threshold: float | None, **metadata: Any) -> dict[str, Any]:
+    """The seed's checkpoint dictionary (plus `kind`), with metrics measured on the validation part."""
+    checkpoint: dict[str, Any] = {
+        "type": "binary" if len(classes) == 2 else "multiclass",
+        "kind": kind,
+        "input_dim": input_dim,
+        "model": model_name,
+        "model_state_dict": state_dict,
+    }
+    if len(classes) == 2:
+        checkpoint["threshold"] = float(threshold if threshold is not None else 0.5)
+        metrics: dict[str, Any] = binary_metrics(y_val, val_probs[:, 1], checkpoint["threshold"])
+    else:
+        metrics = multiclass_metrics(y_val, val_probs.argmax(axis=1), classes)
     checkpoint["classes"] = list(classes)
     checkpoint["sources"] = {c: list(sources.get(c, [])) for c in classes}
     checkpoint["metadata"] = {
         "head": head_name,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "metrics": metrics,
+        **metadata,
     }
-    return TrainOutcome(checkpoint, len(train_idx), 0 if val_on_train else len(val_idx), val_on_train)
+    return checkpoint
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:
@@ -311,10 +367,26 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_head(path: Path) -> TrainedHead:
-    checkpoint = read_checkpoint(path)
-    outputs = 1 if checkpoint["type"] == "binary" else len(checkpoint["classes"])
-    module = HeadMLP(int(checkpoint["input_dim"]), outputs)
+def head_from_checkpoint(checkpoint: dict[str, Any]) -> TrainedHead:
+    """Rebuild the head a checkpoint describes; `kind` picks the module (missing kind: mlp)."""
+    kind = checkpoint.get("kind", "mlp")
+    if kind not in HEAD_KINDS:
+        raise HeadmasterError(f"unknown head kind '{kind}' in checkpoint (known: {', '.join(HEAD_KINDS)})")
+    n_classes = len(checkpoint["classes"])
+    if kind == "prototype":
+        from headmaster.prototypes import PrototypeHead  # prototypes.py builds on this module
+
+        module: nn.Module = PrototypeHead.empty(int(checkpoint["input_dim"]), n_classes)
+    else:
+        module = HeadMLP(int(checkpoint["input_dim"]), 1 if checkpoint["type"] == "binary" else n_classes)
     module.load_state_dict(checkpoint["model_state_dict"])
     module.eval()
     return TrainedHead(checkpoint, module)
+
+
+def load_head(path: Path) -> TrainedHead:
+    checkpoint = read_checkpoint(path)
+    try:
+        return head_from_checkpoint(checkpoint)
+    except RuntimeError as e:  # a state dict that does not fit its declared shape
+        raise HeadmasterError(f"cannot load checkpoint {path}: {str(e).splitlines()[0][:200]}") from None

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
+from PIL import ImageOps
 from tqdm import tqdm
 
 from headmaster.cores import CoreShare
@@ -207,7 +208,7 @@ def hash_paths(store: Store, paths: list[Path], workers: int | None = None
     return {p: hashes[p] for p in paths if p in hashes}, skipped, len(scan.to_read)
 
 
-def _prepare(embedder: Embedder, share: CoreShare) -> Callable[[Path], np.ndarray | ImageError]:
+def _prepare(embedder: Embedder, share: CoreShare, flip: bool = False) -> Callable[[Path], np.ndarray | ImageError]:
     """Decode no larger than needed (JPEG DCT scaling to at least the input side), then the model's own processor."""
     side = embedder.input_side
 
@@ -215,6 +216,8 @@ def _prepare(embedder: Embedder, share: CoreShare) -> Callable[[Path], np.ndarra
         with share.working():
             try:
                 image = load_image(path, min_side=side)
+                if flip:
+                    image = ImageOps.mirror(image)
                 return embedder.preprocess([image])[0]
             except ImageError as e:
                 return e
@@ -243,6 +246,7 @@ def embed_paths(
     label: str = "Embedding",
     embedder: Embedder | None = None,
     cpu_share: str = "auto",
+    flip: bool = False,
 ) -> EmbedResult:
     """Make sure every readable image in `paths` has a cached vector for `model`.
 
@@ -250,7 +254,9 @@ def embed_paths(
     threads -> cache look-up -> decode and preprocess in threads -> batched forward pass -> vectors to
     SQLite per batch. Every stage is a bounded window ahead of the next, so memory stays flat however
     many files there are. Identical contents are embedded once. Unreadable files are listed in
-    `skipped` with their reason; they are never modified or removed.
+    `skipped` with their reason; they are never modified or removed. With `flip`, the image is
+    mirrored left-right before preprocessing and the vector goes to the separate flipped cache
+    (test-time augmentation).
 
     On the CPU the forward pass and the file workers share the cores as `cpu_share` says: "auto"
     measures both ways of headmaster.cores on the first batches and keeps the faster, "turns" or
@@ -262,7 +268,7 @@ def embed_paths(
     result = EmbedResult(workers=workers)
     scan = scan_paths(store, paths)
     result.skipped, result.hashed = list(scan.skipped), len(scan.to_read)
-    cached = store.cached_hashes(model.id, set(scan.known.values()))
+    cached = store.cached_hashes(model.id, set(scan.known.values()), flipped=flip)
     hashes: dict[Path, str] = {}
     queued: set[str] = set()
     device_type = embedder.device.type if embedder else pick_device(device).type
@@ -283,7 +289,7 @@ def embed_paths(
                 result.skipped.append(h)
                 continue
             hashes[p] = h
-            if h in cached or (h not in queued and store.cached_hashes(model.id, [h])):
+            if h in cached or (h not in queued and store.cached_hashes(model.id, [h], flipped=flip)):
                 cached.add(h)
                 result.cached += 1
             elif h not in queued:
@@ -308,13 +314,13 @@ def embed_paths(
             pixels = np.stack([px for _, px in batch])
             with gate.forward(len(batch)):
                 vectors = embedder.embed_pixels(pixels)
-            store.put_vectors(model.id, zip((h for h, _ in batch), vectors))
+            store.put_vectors(model.id, zip((h for h, _ in batch), vectors), flipped=flip)
             result.embedded += len(batch)
             bar.update(len(batch))
             batch.clear()
 
         depth = max(2 * batch_size, 4 * workers)
-        prepare = _prepare(embedder, gate)
+        prepare = _prepare(embedder, gate, flip)
         decoded = ordered_map(lambda item: prepare(item[1]), itertools.chain([first], stream), workers, depth,
                               initializer=_worker_setup)
         # The forward thread needs the GIL for a moment between torch ops; with Python's default 5 ms
@@ -349,7 +355,8 @@ def embed_paths(
     return result
 
 
-def vectors_for(store: Store, model: Model, hashes: dict[Path, str]) -> dict[Path, np.ndarray]:
+def vectors_for(store: Store, model: Model, hashes: dict[Path, str], flipped: bool = False
+                ) -> dict[Path, np.ndarray]:
     """Cached vectors for the given path -> hash mapping (paths without a vector are left out)."""
-    found = store.vectors(model.id, hashes.values())
+    found = store.vectors(model.id, hashes.values(), flipped=flipped)
     return {p: found[h] for p, h in hashes.items() if h in found}

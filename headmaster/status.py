@@ -92,6 +92,8 @@ def format_status_table(rows: list[HeadStatus]) -> str:
 def format_status_detail(s: HeadStatus, heads_dir: Path) -> str:
     lines = [f"Head: {s.name}", f"Type: {s.head_type}"]
     ck = s.checkpoint
+    if ck:
+        lines.append(f"Kind: {ck.get('kind', 'mlp')}")
     lines.append(f"Model: {ck['model'] if ck else '—'}")
     created = (ck or {}).get("metadata", {}).get("created_at", "")
     lines.append(f"Trained: {created[:10] if ck else 'no'}")

@@ -53,6 +53,14 @@ CREATE TABLE IF NOT EXISTS sorts (
     score REAL
 );
 CREATE INDEX IF NOT EXISTS sorts_destination ON sorts(destination);
+-- vectors of horizontally flipped images (test-time augmentation), kept apart from the seed's table
+CREATE TABLE IF NOT EXISTS flip_embeddings (
+    hash TEXT NOT NULL,
+    model_id INTEGER NOT NULL REFERENCES models(id),
+    vector BLOB NOT NULL,
+    PRIMARY KEY (hash, model_id)
+);
+CREATE INDEX IF NOT EXISTS sorts_source ON sorts(source);
 """
 
 
@@ -85,6 +93,10 @@ def blob_to_vector(blob: bytes) -> np.ndarray:
 def chunks(items: list, size: int = 500) -> Iterator[list]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def _vector_table(flipped: bool) -> str:
+    return "flip_embeddings" if flipped else "embeddings"
 
 
 class Store:
@@ -165,30 +177,34 @@ class Store:
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
             n = self.conn.execute("DELETE FROM embeddings WHERE model_id = ?", (model.id,)).rowcount
+            self.conn.execute("DELETE FROM flip_embeddings WHERE model_id = ?", (model.id,))
             self.conn.execute("DELETE FROM models WHERE id = ?", (model.id,))
         return n
 
     # -- embeddings -----------------------------------------------------------
-    def cached_hashes(self, model_id: int, hashes: Iterable[str]) -> set[str]:
+    # flipped=True: the cache of horizontally flipped images (flip_embeddings), same keys and format.
+    def cached_hashes(self, model_id: int, hashes: Iterable[str], flipped: bool = False) -> set[str]:
         found: set[str] = set()
+        table = _vector_table(flipped)
         for part in chunks(sorted(set(hashes))):
             marks = ",".join("?" * len(part))
             rows = self.conn.execute(
-                f"SELECT hash FROM embeddings WHERE model_id = ? AND hash IN ({marks})", (model_id, *part))
+                f"SELECT hash FROM {table} WHERE model_id = ? AND hash IN ({marks})", (model_id, *part))
             found.update(r[0] for r in rows)
         return found
 
-    def vectors(self, model_id: int, hashes: Iterable[str]) -> dict[str, np.ndarray]:
+    def vectors(self, model_id: int, hashes: Iterable[str], flipped: bool = False) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
+        table = _vector_table(flipped)
         for part in chunks(sorted(set(hashes))):
             marks = ",".join("?" * len(part))
             rows = self.conn.execute(
-                f"SELECT hash, vector FROM embeddings WHERE model_id = ? AND hash IN ({marks})", (model_id, *part))
+                f"SELECT hash, vector FROM {table} WHERE model_id = ? AND hash IN ({marks})", (model_id, *part))
             out.update((h, blob_to_vector(v)) for h, v in rows)
         return out
 
-    def put_vectors(self, model_id: int, items: Iterable[tuple[str, np.ndarray]]) -> None:
-        self._write("INSERT OR REPLACE INTO embeddings (hash, model_id, vector) VALUES (?, ?, ?)",
+    def put_vectors(self, model_id: int, items: Iterable[tuple[str, np.ndarray]], flipped: bool = False) -> None:
+        self._write(f"INSERT OR REPLACE INTO {_vector_table(flipped)} (hash, model_id, vector) VALUES (?, ?, ?)",
                     [(h, model_id, vector_to_blob(v)) for h, v in items])
 
     def embedding_count(self, model_id: int | None = None) -> int:
@@ -236,6 +252,11 @@ class Store:
         at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self._write("INSERT INTO sorts (at, head, source, destination, hash, bucket, score) VALUES (?,?,?,?,?,?,?)",
                     [(at, head, source, destination, hash_, bucket, score)])
+
+    def sort_destinations(self, source: str) -> list[str]:
+        """Where files that came from `source` were placed, newest first."""
+        rows = self.conn.execute("SELECT destination FROM sorts WHERE source = ? ORDER BY id DESC", (source,))
+        return [r[0] for r in rows]
 
     def sorts(self, head: str | None = None, limit: int = 100) -> list[sqlite3.Row]:
         self.conn.row_factory = sqlite3.Row

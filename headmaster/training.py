@@ -10,8 +10,9 @@ import numpy as np
 
 from headmaster.context import Context
 from headmaster.errors import HeadmasterError
-from headmaster.heads import TrainConfig, save_checkpoint, train_head
+from headmaster.heads import TrainConfig, read_checkpoint, save_checkpoint, train_head
 from headmaster.pipeline import EmbedResult, Skipped, embed_paths, vectors_for
+from headmaster.prototypes import train_prototypes
 from headmaster.store import Model
 from headmaster.workspace import LabelledSet
 
@@ -56,6 +57,7 @@ class TrainReport:
     skipped: list[Skipped] = field(default_factory=list)
     conflicts: list[LabelConflict] = field(default_factory=list)
     embed: EmbedResult | None = None
+    kind: str = "mlp"
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -107,6 +109,17 @@ def embed_heads(ctx: Context, head: str | None = None, label: str = "Embedding")
     return report
 
 
+def current_kind(ctx: Context, head: str) -> str:
+    """The kind of the head's existing checkpoint, so a retrain (by hand or by the daemon) keeps it; else mlp."""
+    path = ctx.workspace.checkpoint_path(head)
+    if not path.exists():
+        return "mlp"
+    try:
+        return read_checkpoint(path).get("kind", "mlp")
+    except HeadmasterError:
+        return "mlp"
+
+
 def train_one(ctx: Context, head: str, config: TrainConfig = TrainConfig()) -> TrainReport:
     """Embed what is missing, train the head and write out/<head>.pt (atomically)."""
     model = ctx.store.active_model()
@@ -131,11 +144,15 @@ def train_one(ctx: Context, head: str, config: TrainConfig = TrainConfig()) -> T
     if matrix.shape[1] != model.embed_dim:
         raise HeadmasterError(f"cached vectors have {matrix.shape[1]} dimensions, model '{model.name}' "
                               f"is registered with {model.embed_dim}")
-    outcome = train_head(head, classes, matrix, np.array(labels), sources, model.name, config)
+    kind = config.kind or current_kind(ctx, head)
+    if kind == "prototype":
+        outcome = train_prototypes(head, classes, matrix, np.array(labels), sources, model.name, config)
+    else:
+        outcome = train_head(head, classes, matrix, np.array(labels), sources, model.name, config)
     path = ctx.workspace.checkpoint_path(head)
     save_checkpoint(outcome.checkpoint, path)
     if outcome.val_on_train:
         warnings.append(f"head '{head}': too few images for a validation split; metrics are on training data")
     return TrainReport(head, outcome.checkpoint["type"], classes, len(rows), outcome.train_count, outcome.val_count,
                        path, outcome.checkpoint["metadata"]["metrics"], outcome.checkpoint.get("threshold"),
-                       warnings, result.skipped, find_conflicts(labelled, result.hashes), result)
+                       warnings, result.skipped, find_conflicts(labelled, result.hashes), result, kind)

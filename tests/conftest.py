@@ -10,7 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import build_clip, build_dinov2, build_siglip, fill_bucket  # noqa: E402
+from helpers import build_clip, build_dinov2, build_siglip, build_timm, fill_bucket  # noqa: E402
 
 from headmaster.context import Context, EmbedOptions  # noqa: E402
 from headmaster.registry import add_model  # noqa: E402
@@ -34,6 +34,11 @@ def siglip_path(models_dir) -> Path:
 @pytest.fixture(scope="session")
 def dinov2_path(models_dir) -> Path:
     return build_dinov2(models_dir / "tiny-dinov2")
+
+
+@pytest.fixture(scope="session")
+def timm_path(models_dir) -> Path:
+    return build_timm(models_dir / "tiny-timm")
 
 
 @pytest.fixture

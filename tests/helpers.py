@@ -70,3 +70,15 @@ def run_hm(args: list[str], workspace: Path, cwd: Path | None = None, extra_env:
     env.update(extra_env or {})
     return subprocess.run([sys.executable, "-m", "headmaster.cli", *args], capture_output=True, text=True,
                           env=env, cwd=cwd or workspace.parent, timeout=300)
+
+
+def build_timm(folder: Path) -> Path:
+    """A tiny timm backbone in the Hugging Face timm-wrapper layout (like shared/models/efficientnet-lite0)."""
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, TimmWrapperImageProcessor
+
+    pretrained_cfg = {"input_size": [3, 32, 32], "crop_pct": 0.875, "interpolation": "bicubic",
+                      "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    config = TimmWrapperConfig(architecture="test_efficientnet", num_labels=3, pretrained_cfg=pretrained_cfg)
+    TimmWrapperForImageClassification(config).save_pretrained(folder)
+    TimmWrapperImageProcessor(pretrained_cfg=pretrained_cfg, architecture=config.architecture).save_pretrained(folder)
+    return folder

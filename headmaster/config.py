@@ -1,0 +1,232 @@
+"""The daemon's configuration: a TOML file read with tomllib, validated up front.
+
+Lookup order: an explicit path (`--config`), then $HEADMASTER_CONFIG, then
+`<workspace>/config.toml`, else the defaults below. Every key is optional; an
+unknown key or a value of the wrong type is a HeadmasterError that names the key.
+`config.example.toml` at the repository root documents every key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from headmaster.errors import HeadmasterError
+from headmaster.workspace import Workspace
+
+CONFIG_ENV = "HEADMASTER_CONFIG"
+CONFIG_NAME = "config.toml"
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
+
+
+@dataclass
+class DaemonConfig:
+    socket: str = ""  # "": $XDG_RUNTIME_DIR/headmaster/hmd.sock, else <workspace>/.hmd.sock
+    debounce_seconds: float = 30.0  # quiet time after the last change before a head retrains
+    max_delay_seconds: float = 300.0  # retrain at the latest this long after the first change
+    settle_seconds: float = 2.0  # a file is complete once size and mtime are unchanged this long
+    device: str = ""  # "": cuda, then mps, then cpu
+    log_level: str = "INFO"
+    log_file: str = ""  # "": stderr only; relative paths are inside the workspace
+    log_rotation: str = "10 MB"  # loguru rotation for log_file
+    log_retention: int = 5  # rotated log files kept
+
+
+@dataclass
+class InboxConfig:
+    path: str = "inbox"  # relative to the workspace; one folder per head inside
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = 50
+    lr: float = 1e-3
+    seed: int = 0
+
+
+@dataclass
+class LearningConfig:
+    from_corrections: bool = True  # a file the user moves into classified/<head>/<bucket>/ becomes an example
+    confirm_after_days: int = 0  # >0: confident sorts left in place this many days become examples too
+
+
+@dataclass
+class Config:
+    workspace: str = ""  # "": $HEADMASTER_WORKSPACE, else ./workspace; relative to the config file's folder
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    inbox: InboxConfig = field(default_factory=InboxConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    learning: LearningConfig = field(default_factory=LearningConfig)
+    source: Path | None = field(default=None, compare=False)  # the file it came from, if any
+
+    # -- resolved paths -----------------------------------------------------------
+    @property
+    def workspace_root(self) -> Path:
+        if not self.workspace:
+            return Workspace.from_env().root
+        path = Path(self.workspace).expanduser()
+        if not path.is_absolute() and self.source is not None:
+            path = self.source.parent / path
+        return path.absolute()
+
+    @property
+    def inbox_dir(self) -> Path:
+        path = Path(self.inbox.path).expanduser()
+        return path if path.is_absolute() else self.workspace_root / path
+
+    @property
+    def socket_path(self) -> Path:
+        if self.daemon.socket:
+            path = Path(self.daemon.socket).expanduser()
+            return path if path.is_absolute() else self.workspace_root / path
+        runtime = os.environ.get("XDG_RUNTIME_DIR")
+        if runtime and Path(runtime).is_dir():
+            return Path(runtime) / "headmaster" / "hmd.sock"
+        return self.workspace_root / ".hmd.sock"
+
+    @property
+    def log_path(self) -> Path | None:
+        if not self.daemon.log_file:
+            return None
+        path = Path(self.daemon.log_file).expanduser()
+        return path if path.is_absolute() else self.workspace_root / path
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every key with its value, as written to TOML."""
+        out: dict[str, Any] = {"workspace": self.workspace}
+        for section in SECTIONS:
+            out[section] = {f.name: getattr(getattr(self, section), f.name) for f in fields(SECTIONS[section])}
+        return out
+
+
+SECTIONS: dict[str, type] = {"daemon": DaemonConfig, "inbox": InboxConfig, "training": TrainingConfig,
+                             "learning": LearningConfig}
+TYPE_NAMES = {str: "a string", float: "a number", int: "an integer", bool: "true or false"}
+
+
+def _check_type(key: str, value: Any, kind: type, where: str) -> Any:
+    """The value converted to `kind`, or a HeadmasterError naming the key."""
+    ok = (isinstance(value, bool) if kind is bool else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+          isinstance(value, int) and not isinstance(value, bool) if kind is int else
+          isinstance(value, kind))
+    if not ok:
+        shown = repr(value) if not isinstance(value, dict) else "a table"
+        raise HeadmasterError(f"{where}: '{key}' must be {TYPE_NAMES[kind]}, got {shown}")
+    return float(value) if kind is float else value
+
+
+def _field_type(cls: type, name: str) -> type:
+    annotation = {f.name: f.type for f in fields(cls)}[name]
+    return {"str": str, "float": float, "int": int, "bool": bool}[annotation]
+
+
+def config_from_dict(data: dict[str, Any], source: Path | None = None) -> Config:
+    """Build a Config from parsed TOML; unknown keys and wrong types raise HeadmasterError."""
+    where = f"config {source}" if source else "config"
+    config = Config(source=source)
+    for key, value in data.items():
+        if key == "workspace":
+            config.workspace = _check_type(key, value, str, where)
+        elif key in SECTIONS:
+            if not isinstance(value, dict):
+                raise HeadmasterError(f"{where}: '{key}' must be a table ([{key}]), got {value!r}")
+            cls = SECTIONS[key]
+            section = getattr(config, key)
+            names = [f.name for f in fields(cls)]
+            for sub, subvalue in value.items():
+                full = f"{key}.{sub}"
+                if sub not in names:
+                    raise HeadmasterError(f"{where}: unknown key '{full}' (known in [{key}]: {', '.join(names)})")
+                setattr(section, sub, _check_type(full, subvalue, _field_type(cls, sub), where))
+        else:
+            known = ", ".join(["workspace", *(f"[{s}]" for s in SECTIONS)])
+            raise HeadmasterError(f"{where}: unknown key '{key}' (known: {known})")
+    _check_values(config, where)
+    return config
+
+
+def _check_values(config: Config, where: str) -> None:
+    d = config.daemon
+    for key in ("debounce_seconds", "settle_seconds"):
+        if getattr(d, key) < 0:
+            raise HeadmasterError(f"{where}: 'daemon.{key}' must be 0 or more, got {getattr(d, key)}")
+    if d.max_delay_seconds <= 0:
+        raise HeadmasterError(f"{where}: 'daemon.max_delay_seconds' must be above 0, got {d.max_delay_seconds}")
+    if d.log_level.upper() not in LOG_LEVELS:
+        raise HeadmasterError(f"{where}: 'daemon.log_level' must be one of {', '.join(LOG_LEVELS)}, "
+                              f"got {d.log_level!r}")
+    if d.log_retention < 0:
+        raise HeadmasterError(f"{where}: 'daemon.log_retention' must be 0 or more, got {d.log_retention}")
+    if not config.inbox.path:
+        raise HeadmasterError(f"{where}: 'inbox.path' must not be empty")
+    t = config.training
+    if t.epochs < 1:
+        raise HeadmasterError(f"{where}: 'training.epochs' must be at least 1, got {t.epochs}")
+    if t.lr <= 0:
+        raise HeadmasterError(f"{where}: 'training.lr' must be above 0, got {t.lr}")
+    if config.learning.confirm_after_days < 0:
+        raise HeadmasterError(f"{where}: 'learning.confirm_after_days' must be 0 or more, "
+                              f"got {config.learning.confirm_after_days}")
+
+
+def read_config(path: Path) -> Config:
+    """Parse and validate one TOML file."""
+    path = Path(path).expanduser().absolute()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise HeadmasterError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise HeadmasterError(f"config path is a directory: {path}") from None
+    except PermissionError:
+        raise HeadmasterError(f"cannot read config file {path}: permission denied") from None
+    except tomllib.TOMLDecodeError as e:
+        raise HeadmasterError(f"config {path} is not valid TOML: {e}") from None
+    return config_from_dict(data, path)
+
+
+def find_config(path: str | os.PathLike | None = None, workspace: str | os.PathLike | None = None) -> Path | None:
+    """The config file to use: `path`, else $HEADMASTER_CONFIG, else <workspace>/config.toml if it exists."""
+    if path:
+        return Path(path).expanduser().absolute()
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env).expanduser().absolute()
+    candidate = Workspace.from_env(workspace).root / CONFIG_NAME
+    return candidate if candidate.is_file() else None
+
+
+def load_config(path: str | os.PathLike | None = None, workspace: str | os.PathLike | None = None) -> Config:
+    """The configuration by the lookup order; defaults when no file is found.
+
+    An explicitly named file (argument or $HEADMASTER_CONFIG) must exist.
+    """
+    found = find_config(path, workspace)
+    if found is None:
+        config = Config()
+        if workspace:
+            config.workspace = str(Path(workspace).expanduser().absolute())
+        return config
+    return read_config(found)
+
+
+def config_init(path: str | os.PathLike, workspace: str | os.PathLike | None = None) -> Path:
+    """Write a starting config (every key, default values) to `path`; never overwrites an existing file."""
+    path = Path(path).expanduser().absolute()
+    if path.exists():
+        raise HeadmasterError(f"{path} already exists; edit it or remove it first")
+    config = Config(workspace=str(Workspace.from_env(workspace).root))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(path, "xb") as f:
+            tomli_w.dump(config.to_dict(), f)
+    except OSError as e:
+        raise HeadmasterError(f"cannot write {path}: {e.strerror or e}") from None
+    return path

@@ -1,0 +1,177 @@
+"""The inbox: files dropped into `<inbox>/<head>/` sorted into `classified/<head>/<bucket>/`.
+
+Decisions come from the same code as `hm classify` (`decide_paths`); files move
+with `fileops.move_into`, which links (or copies and fsyncs) before it unlinks the
+source, so at every instant the file exists at least once. `resolve_leftovers`
+removes the second copy a crash can leave, so after a restart every file
+exists exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from headmaster.context import Context
+from headmaster.fileops import move_into, remove_stale_temps
+from headmaster.heads import TrainedHead
+from headmaster.images import file_sha256
+from headmaster.sorting import decide_paths
+from headmaster.store import FileRecord, Model, Store
+from headmaster.daemon.watcher import is_candidate_name
+
+REJECTED = "_rejected"  # classified/<head>/_rejected/: files that cannot be read as images
+CHUNK = 16  # files decided and moved per step; the stop flag is checked between steps
+
+
+@dataclass
+class Placed:
+    source: Path
+    destination: Path
+    bucket: str
+    score: float | None
+    reason: str = ""  # why it was rejected
+
+
+@dataclass
+class SortResult:
+    placed: list[Placed] = field(default_factory=list)
+    rejected: list[Placed] = field(default_factory=list)
+    vanished: int = 0
+
+
+def inbox_files(folder: Path) -> list[Path]:
+    """Candidate files directly inside one head's inbox folder, sorted (hidden and partial names skipped)."""
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(Path(e.path) for e in entries if is_candidate_name(e.name) and e.is_file(follow_symlinks=False))
+
+
+def inbox_heads(inbox_dir: Path) -> list[str]:
+    try:
+        return sorted(e.name for e in os.scandir(inbox_dir) if e.is_dir() and not e.name.startswith("."))
+    except FileNotFoundError:
+        return []
+
+
+def _reindex(store: Store, source: Path, destination: Path, hash_: str | None) -> None:
+    """Keep the file index true after a move: the old path is gone, the new one has the same content."""
+    store.forget_files([str(source)])
+    if hash_ is None:
+        return
+    try:
+        st = os.stat(destination)
+    except OSError:
+        return
+    store.put_file_records([FileRecord(str(destination), st.st_size, st.st_mtime_ns, st.st_ino, hash_)])
+
+
+def sort_files(ctx: Context, head: str, trained: TrainedHead, model: Model, paths: list[Path], dest_root: Path,
+               should_stop: Callable[[], bool] = lambda: False,
+               on_placed: Callable[[Placed], None] = lambda p: None) -> SortResult:
+    """Decide and move each file into dest_root/<bucket>/ (or uncertain/, or _rejected/), logging every sort.
+
+    Never deletes a file: a file leaves the inbox only once its copy is in place.
+    Stops between files when `should_stop()` turns true; unsorted files stay put.
+    `on_placed` hears about each file as soon as it is in place (sorted or rejected).
+    """
+    result = SortResult()
+    for start in range(0, len(paths), CHUNK):
+        if should_stop():
+            break
+        chunk = paths[start : start + CHUNK]
+        decisions, embedded = decide_paths(ctx, trained, model, chunk, label=f"Sorting {head}")
+        for d in decisions:
+            if should_stop():
+                return result
+            if not os.path.lexists(d.path):
+                result.vanished += 1
+                continue
+            target = move_into(d.path, dest_root / d.bucket)
+            ctx.store.log_sort(head, str(d.path), str(target), d.hash, d.bucket, d.score)
+            _reindex(ctx.store, d.path, target, d.hash)
+            result.placed.append(Placed(d.path, target, d.bucket, d.score))
+            on_placed(result.placed[-1])
+        for s in embedded.skipped:
+            if should_stop():
+                return result
+            if not os.path.lexists(s.path):
+                result.vanished += 1
+                continue
+            target = move_into(s.path, dest_root / REJECTED)
+            ctx.store.log_sort(head, str(s.path), str(target), None, REJECTED, None)
+            ctx.store.forget_files([str(s.path)])
+            result.rejected.append(Placed(s.path, target, REJECTED, None, s.reason))
+            on_placed(result.rejected[-1])
+    return result
+
+
+def _same_content(a: Path, b: Path) -> bool:
+    try:
+        return os.path.getsize(a) == os.path.getsize(b) and file_sha256(a) == file_sha256(b)
+    except OSError:
+        return False
+
+
+def _clash_names(name: str) -> re.Pattern:
+    """`stem.ext` and the names unique_path gives it on a clash: `stem_1.ext`, `stem_2.ext`, ..."""
+    stem, suffix = os.path.splitext(name)
+    return re.compile(re.escape(stem) + r"(_\d+)?" + re.escape(suffix) + r"\Z")
+
+
+@dataclass
+class Leftovers:
+    temps: int = 0  # our own .hm-tmp-* files removed
+    duplicates: list[tuple[Path, Path]] = field(default_factory=list)  # (inbox copy removed, sorted copy kept)
+
+
+def resolve_leftovers(store: Store, inbox_dir: Path, classified_dir: Path) -> Leftovers:
+    """Undo what a crash in the middle of a move can leave behind; run before anything is sorted.
+
+    An inbox file that is also already in classified/<head>/ (the same inode: the
+    link was made but the source not yet unlinked; or identical content under the
+    destination the sort log recorded, or under the same name or a clash name of
+    it: a cross-filesystem copy) loses its inbox copy. The sorted copy is kept,
+    so no content is ever lost.
+    """
+    out = Leftovers(remove_stale_temps(classified_dir) + remove_stale_temps(inbox_dir))
+    for head in inbox_heads(inbox_dir):
+        files = inbox_files(inbox_dir / head)
+        dest_root = classified_dir / head
+        if not files or not dest_root.is_dir():
+            continue
+        inodes: dict[tuple[int, int], Path] = {}
+        by_size: dict[int, list[Path]] = defaultdict(list)
+        for bucket in os.scandir(dest_root):
+            if not bucket.is_dir(follow_symlinks=False):
+                continue
+            for entry in os.scandir(bucket.path):
+                if entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    inodes[(st.st_dev, st.st_ino)] = Path(entry.path)
+                    by_size[st.st_size].append(Path(entry.path))
+        for f in files:
+            try:
+                st = os.stat(f, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            twin = inodes.get((st.st_dev, st.st_ino))
+            if twin is None:
+                logged = [Path(d) for d in store.sort_destinations(str(f))]
+                pattern = _clash_names(f.name)
+                named = [p for p in by_size.get(st.st_size, []) if pattern.match(p.name)]
+                for candidate in dict.fromkeys(logged + named):
+                    if candidate.exists() and _same_content(f, candidate):
+                        twin = candidate
+                        break
+            if twin is not None:
+                os.unlink(f)  # its content is safe in `twin`
+                store.forget_files([str(f)])
+                out.duplicates.append((f, twin))
+    return out

@@ -1,0 +1,264 @@
+"""File events: which area of the workspace changed, and when a new file is complete.
+
+The watchdog handler only classifies paths and calls back; it never reads a file.
+The Settler decides when a file has stopped changing: its size and mtime are
+unchanged for `settle_seconds` and, where the platform reports it (inotify),
+the writer has closed it, so a file written slowly is never taken half-written.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileAttribEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+
+from headmaster.fileops import TEMP_PREFIX
+from headmaster.workspace import is_image_name
+
+# Names browsers and sync tools give files while they are still arriving.
+PARTIAL_SUFFIXES = (".part", ".partial", ".crdownload", ".download", ".tmp", ".swp")
+# watchdog's threads block on their queues with this timeout; events still arrive at once,
+# the timeout only bounds how often an idle daemon wakes up (and nobody joins these threads)
+OBSERVER_WAKEUP_S = 30.0
+# Events we act on: opens and read-only closes are noise (our own reads cause them).
+EVENTS = [FileCreatedEvent, FileModifiedEvent, FileAttribEvent, FileClosedEvent, FileDeletedEvent, FileMovedEvent,
+          DirCreatedEvent, DirDeletedEvent, DirMovedEvent]
+
+
+def is_candidate_name(name: str) -> bool:
+    """A visible, finished-looking file name (not ours, not a download in progress)."""
+    return not name.startswith(".") and not name.startswith(TEMP_PREFIX) and not name.lower().endswith(
+        PARTIAL_SUFFIXES)
+
+
+@dataclass
+class _Pending:
+    signature: tuple[int, int] | None  # (size, mtime_ns)
+    since: float  # monotonic time the signature last changed
+    writing: bool  # written through an open descriptor that is not closed yet
+
+
+def _signature(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+class Settler:
+    """Files that changed recently, until each one has been still for `settle_seconds`."""
+
+    def __init__(self, settle_seconds: float, track_close: bool):
+        self.settle_seconds = settle_seconds
+        self.track_close = track_close  # only inotify tells us when a writer closes a file
+        self._pending: dict[Path, _Pending] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def stale_writer_seconds(self) -> float:
+        """Give up waiting for a close after this long without change (a writer that hangs)."""
+        return max(60.0, 10 * self.settle_seconds)
+
+    def touch(self, path: Path, writing: bool = False) -> float:
+        """Note a change to `path`; returns the monotonic time it may be settled at the earliest."""
+        now = time.monotonic()
+        sig = _signature(path)
+        with self._lock:
+            p = self._pending.get(path)
+            if p is None or p.signature != sig:
+                p = _Pending(sig, now, (p.writing if p else False))
+                self._pending[path] = p
+            if writing and self.track_close:
+                p.writing = True
+            return p.since + self.settle_seconds
+
+    def closed(self, path: Path) -> float:
+        """The writer closed `path` (IN_CLOSE_WRITE)."""
+        with self._lock:
+            p = self._pending.get(path)
+            if p is not None:
+                p.writing = False
+        return self.touch(path)
+
+    def forget(self, path: Path) -> None:
+        with self._lock:
+            self._pending.pop(path, None)
+
+    def forget_under(self, folder: Path) -> None:
+        prefix = str(folder) + os.sep
+        with self._lock:
+            for p in [p for p in self._pending if str(p).startswith(prefix)]:
+                del self._pending[p]
+
+    def is_pending(self, path: Path) -> bool:
+        with self._lock:
+            return path in self._pending
+
+    def pending_under(self, folder: Path) -> int:
+        prefix = str(folder) + os.sep
+        with self._lock:
+            return sum(1 for p in self._pending if str(p).startswith(prefix))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def check(self) -> tuple[list[Path], float | None]:
+        """(files settled now, monotonic time of the next check or None when nothing is pending)."""
+        now = time.monotonic()
+        settled: list[Path] = []
+        next_due: float | None = None
+        with self._lock:
+            for path, p in list(self._pending.items()):
+                sig = _signature(path)
+                if sig is None:  # vanished (moved away or deleted)
+                    del self._pending[path]
+                    continue
+                if sig != p.signature:
+                    p.signature, p.since = sig, now
+                still = now - p.since
+                # an empty or still-open file needs a longer silence before we believe it is done
+                waiting = p.writing or sig[0] == 0
+                limit = self.stale_writer_seconds if waiting else self.settle_seconds
+                if still >= limit:
+                    settled.append(path)
+                    del self._pending[path]
+                else:
+                    due = p.since + limit
+                    next_due = due if next_due is None else min(next_due, due)
+        return settled, next_due
+
+
+class Sink(Protocol):
+    """What the handler reports to (the daemon service)."""
+
+    def example_changed(self, head: str, path: Path, writing: bool) -> None: ...
+    def example_closed(self, head: str, path: Path) -> None: ...
+    def example_removed(self, head: str, path: Path) -> None: ...
+    def head_changed(self, head: str, folder: Path | None) -> None: ...
+    def inbox_changed(self, head: str, path: Path, writing: bool) -> None: ...
+    def inbox_closed(self, head: str, path: Path) -> None: ...
+    def inbox_removed(self, path: Path) -> None: ...
+    def inbox_folder(self, head: str, folder: Path) -> None: ...
+    def checkpoint_written(self, head: str) -> None: ...
+    def classified_changed(self, head: str, bucket: str, path: Path, writing: bool) -> None: ...
+    def classified_closed(self, head: str, bucket: str, path: Path) -> None: ...
+
+
+def _parts(path: Path, root: Path) -> tuple[str, ...] | None:
+    try:
+        return path.relative_to(root).parts
+    except ValueError:
+        return None
+
+
+class WorkspaceHandler(FileSystemEventHandler):
+    """Sorts raw watchdog events into heads/, inbox/ and out/ changes."""
+
+    def __init__(self, heads_dir: Path, inbox_dir: Path, out_dir: Path, sink: Sink,
+                 on_error: Callable[[Exception], None] | None = None, classified_dir: Path | None = None):
+        self.heads_dir, self.inbox_dir, self.out_dir, self.sink = heads_dir, inbox_dir, out_dir, sink
+        self.classified_dir = classified_dir  # watched only when learning from corrections
+        self.on_error = on_error
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        try:  # an exception here would kill the observer thread: log it and carry on
+            self._dispatch(event)
+        except Exception as e:
+            if self.on_error:
+                self.on_error(e)
+
+    def _dispatch(self, event: FileSystemEvent) -> None:
+        src = Path(os.fsdecode(event.src_path))
+        if isinstance(event, (FileMovedEvent, DirMovedEvent)):
+            self._gone(src, event.is_directory)
+            self._arrived(Path(os.fsdecode(event.dest_path)), event.is_directory, writing=False)
+        elif isinstance(event, (FileDeletedEvent, DirDeletedEvent)):
+            self._gone(src, event.is_directory)
+        elif isinstance(event, FileClosedEvent):
+            self._closed(src)
+        elif isinstance(event, (FileCreatedEvent, DirCreatedEvent, FileAttribEvent)):
+            self._arrived(src, event.is_directory, writing=False)
+        elif isinstance(event, FileModifiedEvent):
+            self._arrived(src, False, writing=True)
+
+    def _arrived(self, path: Path, is_dir: bool, writing: bool) -> None:
+        if (parts := _parts(path, self.heads_dir)) is not None:
+            if is_dir:
+                if len(parts) <= 2:
+                    self.sink.head_changed(parts[0], path)
+            elif len(parts) == 3 and is_image_name(parts[2]):
+                self.sink.example_changed(parts[0], path, writing)
+        elif (parts := _parts(path, self.inbox_dir)) is not None:
+            if is_dir and len(parts) == 1 and not parts[0].startswith("."):
+                self.sink.inbox_folder(parts[0], path)
+            elif not is_dir and len(parts) == 2 and not parts[0].startswith(".") and is_candidate_name(parts[1]):
+                self.sink.inbox_changed(parts[0], path, writing)
+        elif (parts := self._correction(path, is_dir)) is not None:
+            self.sink.classified_changed(parts[0], parts[1], path, writing)
+        elif (parts := _parts(path, self.out_dir)) is not None:
+            if not is_dir and len(parts) == 1 and parts[0].endswith(".pt") and not parts[0].startswith("."):
+                self.sink.checkpoint_written(parts[0][:-3])
+
+    def _closed(self, path: Path) -> None:
+        if (parts := _parts(path, self.heads_dir)) is not None:
+            if len(parts) == 3 and is_image_name(parts[2]):
+                self.sink.example_closed(parts[0], path)
+        elif (parts := _parts(path, self.inbox_dir)) is not None:
+            if len(parts) == 2 and is_candidate_name(parts[1]):
+                self.sink.inbox_closed(parts[0], path)
+        elif (parts := self._correction(path, False)) is not None:
+            self.sink.classified_closed(parts[0], parts[1], path)
+
+    def _correction(self, path: Path, is_dir: bool) -> tuple[str, ...] | None:
+        """(head, bucket, name) for an image placed in classified/<head>/<bucket>/, else None."""
+        if self.classified_dir is None or is_dir:
+            return None
+        parts = _parts(path, self.classified_dir)
+        if parts is None or len(parts) != 3 or parts[0].startswith(".") or parts[1].startswith(("_", ".")) \
+                or parts[1] == "uncertain" or not is_image_name(parts[2]):
+            return None
+        return parts
+
+    def _gone(self, path: Path, is_dir: bool) -> None:
+        if (parts := _parts(path, self.heads_dir)) is not None:
+            if is_dir and len(parts) <= 2:
+                self.sink.head_changed(parts[0], None)
+            elif len(parts) == 3 and is_image_name(parts[2]):
+                self.sink.example_removed(parts[0], path)
+        elif (parts := _parts(path, self.inbox_dir)) is not None and len(parts) >= 1:
+            self.sink.inbox_removed(path)
+
+
+def reports_closes() -> bool:
+    """Only the inotify backend (Linux) tells us when a writer closes a file."""
+    return Observer.__name__ == "InotifyObserver"
+
+
+def start_observer(handler: WorkspaceHandler, folders: list[Path]) -> Observer:
+    """Watch every folder recursively, on one observer thread (no polling on Linux or macOS)."""
+    observer = Observer(timeout=OBSERVER_WAKEUP_S)
+    for folder in folders:
+        observer.schedule(handler, str(folder), recursive=True, event_filter=EVENTS)
+    observer.daemon = True
+    observer.start()
+    return observer
