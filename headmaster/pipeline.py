@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections import deque
+from contextlib import closing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,67 +285,73 @@ def embed_paths(
             elif h not in queued:
                 queued.add(h)
                 yield h, p
-        for p, h in stream_hashes(store, scan, workers, share=gate):
-            if isinstance(h, Skipped):
-                result.skipped.append(h)
-                continue
-            hashes[p] = h
-            if h in cached or (h not in queued and store.cached_hashes(model.id, [h], flipped=flip)):
-                cached.add(h)
-                result.cached += 1
-            elif h not in queued:
-                queued.add(h)
-                yield h, p
+        hashed = stream_hashes(store, scan, workers, share=gate)
+        with closing(hashed):  # its `finally` writes the file index while the store is still open
+            for p, h in hashed:
+                if isinstance(h, Skipped):
+                    result.skipped.append(h)
+                    continue
+                hashes[p] = h
+                if h in cached or (h not in queued and store.cached_hashes(model.id, [h], flipped=flip)):
+                    cached.add(h)
+                    result.cached += 1
+                elif h not in queued:
+                    queued.add(h)
+                    yield h, p
 
     bad: dict[str, str] = {}  # hash -> why it cannot be embedded
     stream = todo()
-    first = next(stream, None)
-    if first is not None:
-        t_load = time.perf_counter()
-        embedder = embedder or get_embedder(model.name, model.path, model.embed_dim, device)
-        batch_size = batch_size or default_batch_size(embedder)
-        t0 = time.perf_counter()
-        result.load_seconds, result.batch_size = t0 - t_load, batch_size
-        estimate = sum(1 for h in set(scan.known.values()) if h not in cached) + len(scan.to_read)
-        bar = tqdm(total=estimate, desc=label, unit="img", disable=not progress_enabled(progress),
-                   dynamic_ncols=True, smoothing=0.1)
-        batch: list[tuple[str, np.ndarray]] = []
+    try:  # on any exit, stop the hashing and decoding threads now, not when the generators are collected
+        first = next(stream, None)
+        if first is not None:
+            t_load = time.perf_counter()
+            embedder = embedder or get_embedder(model.name, model.path, model.embed_dim, device)
+            batch_size = batch_size or default_batch_size(embedder)
+            t0 = time.perf_counter()
+            result.load_seconds, result.batch_size = t0 - t_load, batch_size
+            estimate = sum(1 for h in set(scan.known.values()) if h not in cached) + len(scan.to_read)
+            bar = tqdm(total=estimate, desc=label, unit="img", disable=not progress_enabled(progress),
+                       dynamic_ncols=True, smoothing=0.1)
+            batch: list[tuple[str, np.ndarray]] = []
 
-        def flush() -> None:
-            pixels = np.stack([px for _, px in batch])
-            with gate.forward(len(batch)):
-                vectors = embedder.embed_pixels(pixels)
-            store.put_vectors(model.id, zip((h for h, _ in batch), vectors), flipped=flip)
-            result.embedded += len(batch)
-            bar.update(len(batch))
-            batch.clear()
+            def flush() -> None:
+                pixels = np.stack([px for _, px in batch])
+                with gate.forward(len(batch)):
+                    vectors = embedder.embed_pixels(pixels)
+                store.put_vectors(model.id, zip((h for h, _ in batch), vectors), flipped=flip)
+                result.embedded += len(batch)
+                bar.update(len(batch))
+                batch.clear()
 
-        depth = max(2 * batch_size, 4 * workers)
-        prepare = _prepare(embedder, gate, flip)
-        decoded = ordered_map(lambda item: prepare(item[1]), itertools.chain([first], stream), workers, depth,
-                              initializer=_worker_setup)
-        # The forward thread needs the GIL for a moment between torch ops; with Python's default 5 ms
-        # switch interval a decode thread in Python code holds it long enough to stall the forward pass.
-        switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(switch_interval, GIL_SWITCH_INTERVAL))
-        try:
-            for (h, _), prepared in decoded:
-                if isinstance(prepared, ImageError):
-                    bad[h] = str(prepared)
-                    bar.update(1)
-                    continue
-                batch.append((h, prepared))
-                if len(batch) >= batch_size:
+            depth = max(2 * batch_size, 4 * workers)
+            prepare = _prepare(embedder, gate, flip)
+            decoded = ordered_map(lambda item: prepare(item[1]), itertools.chain([first], stream), workers, depth,
+                                  initializer=_worker_setup)
+            # The forward thread needs the GIL for a moment between torch ops; with Python's default 5 ms
+            # switch interval a decode thread in Python code holds it long enough to stall the forward pass.
+            switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(switch_interval, GIL_SWITCH_INTERVAL))
+            try:
+                for (h, _), prepared in decoded:
+                    if isinstance(prepared, ImageError):
+                        bad[h] = str(prepared)
+                        bar.update(1)
+                        continue
+                    batch.append((h, prepared))
+                    if len(batch) >= batch_size:
+                        flush()
+                if batch:
                     flush()
-            if batch:
-                flush()
-        finally:
-            sys.setswitchinterval(switch_interval)
-            gate.close()
-            bar.total = bar.n  # duplicates and cached contents among new files were never queued
-            bar.close()
-        result.cpu_share = gate.chosen if gate.enabled else "off"
-        result.embed_seconds = time.perf_counter() - t0
+            finally:
+                decoded.close()
+                sys.setswitchinterval(switch_interval)
+                gate.close()
+                bar.total = bar.n  # duplicates and cached contents among new files were never queued
+                bar.close()
+            result.cpu_share = gate.chosen if gate.enabled else "off"
+            result.embed_seconds = time.perf_counter() - t0
+    finally:
+        stream.close()
     if bad:
         for p, h in list(hashes.items()):
             if h in bad:

@@ -244,3 +244,20 @@ def test_auto_keeps_the_faster_way_of_sharing():
 def test_disabled_share_overlaps_freely():
     share = CoreShare(False, cores=2)
     assert _watch_workers(share, 3, lambda mode: 0.02) >= 1
+
+
+def test_a_model_that_fails_to_load_leaves_no_threads_and_keeps_the_hashes(tmp_path):
+    from helpers import fill_bucket
+
+    from headmaster.errors import HeadmasterError
+
+    files = fill_bucket(tmp_path / "imgs", "red", 3)
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    threads_before = threading.active_count()
+    with Store(tmp_path / "db") as store:
+        model = add_model(store, "broken", str(not_a_model), 8)
+        with pytest.raises(HeadmasterError):
+            embed_paths(store, model, files, device="cpu", progress=False)
+        assert threading.active_count() == threads_before
+        assert len(store.file_signatures(str(f) for f in files)) >= 1  # what was hashed and used is kept
