@@ -393,6 +393,8 @@ def test_corrections_teach_a_confusing_class(hmd, tmp_path):
     assert after > before and after >= 0.75, (before, after)
     r = subprocess.run([*CTL, "--socket", str(hmd.socket), "status", "--json"], capture_output=True, text=True)
     assert json.loads(r.stdout)["heads"]["shade"]["corrections"] >= 3 + moved
+    r = hmd.ctl("status")
+    assert f"shade: {1 + moved} example(s) learned from corrections" in r.stdout
 
 
 def test_hmctl_uncertain_lists_the_closest_to_the_boundary_first(hmd):
