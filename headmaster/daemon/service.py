@@ -404,7 +404,7 @@ class Daemon:
             if model is not None:
                 self._embed(model, files, head)
         for head in sorted(inbox):
-            self._sort_inbox(head)
+            self._sort_inbox(head, settled=set(paths))
 
     # -- learning from corrections -------------------------------------------------------
     def _learn(self, paths: list[Path]) -> None:
@@ -520,8 +520,12 @@ class Daemon:
         self._trained[head] = (key, trained, model)
         return trained, model
 
-    def _sort_inbox(self, head: str) -> None:
-        """Sort every settled file in <inbox>/<head>/; files stay when paused or the head cannot sort yet."""
+    def _sort_inbox(self, head: str, settled: set[Path] = frozenset()) -> None:
+        """Sort every settled file in <inbox>/<head>/; files stay when paused or the head cannot sort yet.
+
+        Files the settler has not seen yet (present at start, or their events still on the way)
+        must look old enough; `settled` ones are known complete (even with an mtime in the future).
+        """
         if self.state.paused or self._stopping.is_set():
             return
         folder = self.inbox_dir / head
@@ -529,6 +533,9 @@ class Daemon:
         ready: list[Path] = []
         for f in inbox_files(folder):
             if self.settler.is_pending(f):
+                continue
+            if f in settled:
+                ready.append(f)
                 continue
             try:
                 young = now - os.stat(f).st_mtime < self.config.daemon.settle_seconds
