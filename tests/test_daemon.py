@@ -420,6 +420,32 @@ def test_hm_ran_beside_the_daemon(hmd):
     assert hmd.proc.poll() is None
 
 
+def test_inbox_dry_run_logs_decisions_and_moves_nothing(hmd, tmp_path):
+    original = hmd.config.read_text()
+    hmd.config.write_text(original.replace("[training]", "[inbox]\ndry_run = true\n[training]"))
+    assert hmd.ctl("reload").returncode == 0
+    classified_before = files_in(hmd.ws / "classified")
+    with Store(hmd.ws / "headmaster.db") as store:
+        sorts_before = len(store.sorts(limit=10_000))
+    inbox = hmd.ws / "inbox" / "colour"
+    dropped = [colour_image(tmp_path / "dry_red.png", "red", 7001), colour_image(tmp_path / "dry_blue.png", "blue", 7002)]
+    for f in dropped:
+        shutil.copy(f, inbox / f.name)
+    wait_for(lambda: hmd.log_tail(80).count("dry run: would move dry_") >= 2, 60, "dry-run decisions", hmd)
+    assert "dry run: would move dry_red.png -> colour/red/" in hmd.log_tail(80)
+    assert "dry run: would move dry_blue.png -> colour/blue/" in hmd.log_tail(80)
+    assert sorted(p.name for p in inbox.iterdir() if p.name.startswith("dry_")) == ["dry_blue.png", "dry_red.png"]
+    assert files_in(hmd.ws / "classified") == classified_before
+    with Store(hmd.ws / "headmaster.db") as store:
+        assert len(store.sorts(limit=10_000)) == sorts_before
+    # back to real sorting: the same files now move
+    hmd.config.write_text(original)
+    assert hmd.ctl("reload").returncode == 0
+    assert hmd.ctl("rescan").returncode == 0
+    wait_for(lambda: not any(p.name.startswith("dry_") for p in inbox.iterdir()), 60, "the files to be sorted", hmd)
+    assert (hmd.ws / "classified" / "colour" / "red" / "dry_red.png").exists()
+
+
 def test_kill_9_in_the_middle_of_sorting_then_restart_and_sigterm(hmd):
     ws = hmd.ws
     inbox = ws / "inbox" / "colour"
