@@ -287,8 +287,6 @@ def status(obj, head) -> None:
             if unknown:
                 click.echo(f"Leak check: {unknown} image(s) not hashed yet, not checked (`hm embed --head {head}` "
                            f"hashes heads/, `hm confusion-matrix --head {head}` test/ too)")
-            click.echo(status_mod.format_status_detail(status_mod.head_status(c.workspace, head),
-                                                       c.workspace.heads_dir))
             from headmaster.learning import correction_counts  # learning from corrections (daemon)
 
             learned = correction_counts(c.store, head)

@@ -40,6 +40,7 @@ class DaemonConfig:
 @dataclass
 class InboxConfig:
     path: str = "inbox"  # relative to the workspace; one folder per head inside
+    dry_run: bool = False  # log each decision (file, bucket, score) and move nothing
 
 
 @dataclass

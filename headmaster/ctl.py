@@ -82,6 +82,9 @@ def format_status(s: dict[str, Any]) -> str:
     lines.append("")
     lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table)
     for name, h in heads.items():
+        if h.get("examples_from_corrections"):
+            lines.append(f"{name}: {h['examples_from_corrections']} example(s) learned from corrections "
+                         f"({h.get('corrections', 0)} since start)")
         if h.get("error"):
             lines.append(f"{name}: {h['error']}")
     return "\n".join(lines)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
-
 from headmaster.errors import HeadmasterError
 from headmaster.store import Model, Store
 
@@ -13,7 +11,7 @@ def normalise_model_path(path: str) -> str:
     """Local folders are stored as absolute paths (so any working directory works); hub ids as given."""
     expanded = os.path.expanduser(path)
     if os.path.isdir(expanded):
-        return str(Path(expanded).absolute())
+        return os.path.abspath(expanded)
     if path.startswith((".", "/", "~")):
         raise HeadmasterError(f"model folder not found: {path}")
     return path

@@ -86,6 +86,7 @@ def test_status_table_and_detail(hm, trained):
     assert lines[1].split() == ["colour", "binary", "blue(24)", "red(24)", "48", "yes", "1.00"]
     assert lines[2].split() == ["weather", "multiclass", "cloudy(2)", "rainy(2)", "snowy(2)...", "9", "no", "—"]
     detail = hm("status", "--head", "colour").output
+    assert detail.count("Head: colour") == 1
     for label in ["Head: colour", "Type: binary", "Model: tiny-clip", "Buckets: blue (24), red (24)",
                   "Accuracy: 1.00", "Precision:", "Recall:", "F1: 1.00", "Threshold:"]:
         assert label in detail
@@ -159,6 +160,12 @@ def test_identical_files_across_heads_embedded_once(hm, workspace, clip_path):
     assert "Embedded 6 images" in hm("embed").output
     conn = sqlite3.connect(workspace / "headmaster.db")
     assert conn.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0] == 6
+
+
+def test_relative_model_folder_is_stored_normalised(hm, clip_path, monkeypatch):
+    monkeypatch.chdir(clip_path.parent)
+    hm("model-add", "--name", "rel", "--path", f"../{clip_path.parent.name}/{clip_path.name}", "--dim", "24")
+    assert f"  {clip_path}" in hm("model-list").output
 
 
 def test_user_errors_are_one_line(hm, workspace, clip_path, tmp_path):

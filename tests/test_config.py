@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -95,3 +98,14 @@ def test_hm_config_init_cli(workspace):
     assert read_config(workspace / "config.toml").workspace_root == workspace.absolute()
     r = run_hm(["config", "init"], workspace)
     assert r.returncode == 1 and r.stderr.startswith("Error: ") and "already exists" in r.stderr
+
+
+def test_hmctl_config_init(tmp_path):
+    target = tmp_path / "etc" / "hm.toml"
+    r = subprocess.run([sys.executable, "-m", "headmaster.ctl", "config", "init", "--path", str(target)],
+                       capture_output=True, text=True, env={**os.environ, "HEADMASTER_WORKSPACE": str(tmp_path / "ws")})
+    assert r.returncode == 0 and r.stdout.strip() == f"Wrote {target}"
+    assert read_config(target).workspace_root == (tmp_path / "ws").absolute()
+    r = subprocess.run([sys.executable, "-m", "headmaster.ctl", "config", "init", "--path", str(target)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "already exists" in r.stderr

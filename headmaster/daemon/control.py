@@ -86,8 +86,11 @@ def prepare_socket_path(path: Path) -> None:
     """Create the socket's folder (0700); refuse if a live daemon answers there, else clear a stale socket."""
     folder = path.parent
     if not folder.exists():
-        folder.mkdir(parents=True, mode=0o700)
-        os.chmod(folder, 0o700)  # mkdir's mode is filtered by the umask
+        try:
+            folder.mkdir(parents=True, mode=0o700)
+            os.chmod(folder, 0o700)  # mkdir's mode is filtered by the umask
+        except OSError as e:
+            raise HeadmasterError(f"cannot create the socket folder {folder}: {e.strerror or e}") from None
     if os.path.lexists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise HeadmasterError(f"{path} exists and is not a socket; remove it or set daemon.socket")
@@ -119,6 +122,9 @@ class ControlServer:
         old = os.umask(0o177)  # the socket is born 0600: no window where others could connect
         try:
             sock.bind(str(self.path))
+        except OSError as e:
+            sock.close()
+            raise HeadmasterError(f"cannot create the control socket {self.path}: {e.strerror or e}") from None
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
@@ -146,6 +152,8 @@ class ControlServer:
             self._sock.close()
             if self._thread is not None:
                 self._thread.join(timeout=2)
+        if self._sock is None:
+            return  # never bound: the path, if any, belongs to someone else
         try:
             if stat.S_ISSOCK(os.lstat(self.path).st_mode):
                 os.unlink(self.path)

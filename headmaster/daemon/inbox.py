@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from headmaster.context import Context
-from headmaster.fileops import move_into, remove_stale_temps
+from headmaster.fileops import move_into, remove_stale_temps, unique_path
 from headmaster.heads import TrainedHead
 from headmaster.images import file_sha256
 from headmaster.sorting import decide_paths
@@ -74,12 +74,13 @@ def _reindex(store: Store, source: Path, destination: Path, hash_: str | None) -
 
 def sort_files(ctx: Context, head: str, trained: TrainedHead, model: Model, paths: list[Path], dest_root: Path,
                should_stop: Callable[[], bool] = lambda: False,
-               on_placed: Callable[[Placed], None] = lambda p: None) -> SortResult:
+               on_placed: Callable[[Placed], None] = lambda p: None, dry_run: bool = False) -> SortResult:
     """Decide and move each file into dest_root/<bucket>/ (or uncertain/, or _rejected/), logging every sort.
 
     Never deletes a file: a file leaves the inbox only once its copy is in place.
     Stops between files when `should_stop()` turns true; unsorted files stay put.
     `on_placed` hears about each file as soon as it is in place (sorted or rejected).
+    With `dry_run`, nothing moves and no sort is logged: each Placed names where the file would go.
     """
     result = SortResult()
     for start in range(0, len(paths), CHUNK):
@@ -93,9 +94,12 @@ def sort_files(ctx: Context, head: str, trained: TrainedHead, model: Model, path
             if not os.path.lexists(d.path):
                 result.vanished += 1
                 continue
-            target = move_into(d.path, dest_root / d.bucket)
-            ctx.store.log_sort(head, str(d.path), str(target), d.hash, d.bucket, d.score)
-            _reindex(ctx.store, d.path, target, d.hash)
+            if dry_run:
+                target = unique_path(dest_root / d.bucket, d.path.name)
+            else:
+                target = move_into(d.path, dest_root / d.bucket)
+                ctx.store.log_sort(head, str(d.path), str(target), d.hash, d.bucket, d.score)
+                _reindex(ctx.store, d.path, target, d.hash)
             result.placed.append(Placed(d.path, target, d.bucket, d.score))
             on_placed(result.placed[-1])
         for s in embedded.skipped:
@@ -104,9 +108,12 @@ def sort_files(ctx: Context, head: str, trained: TrainedHead, model: Model, path
             if not os.path.lexists(s.path):
                 result.vanished += 1
                 continue
-            target = move_into(s.path, dest_root / REJECTED)
-            ctx.store.log_sort(head, str(s.path), str(target), None, REJECTED, None)
-            ctx.store.forget_files([str(s.path)])
+            if dry_run:
+                target = unique_path(dest_root / REJECTED, s.path.name)
+            else:
+                target = move_into(s.path, dest_root / REJECTED)
+                ctx.store.log_sort(head, str(s.path), str(target), None, REJECTED, None)
+                ctx.store.forget_files([str(s.path)])
             result.rejected.append(Placed(s.path, target, REJECTED, None, s.reason))
             on_placed(result.rejected[-1])
     return result

@@ -36,6 +36,9 @@ def hmd(config_path: str | None) -> None:
     except HeadmasterError as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)
+    except OSError as e:  # e.g. an unwritable workspace: one line, not a traceback
+        click.echo(f"Error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(0)
     logger.complete()

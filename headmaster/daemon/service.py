@@ -70,6 +70,7 @@ class Daemon:
         self.config = config
         self.ws = Workspace(config.workspace_root)
         self.inbox_dir = config.inbox_dir
+        self._dry_reported: set[tuple[str, int, int]] = set()  # [inbox] dry_run: file versions already logged
         self.classified_dir = self.ws.classified_dir
         self.socket_path = config.socket_path
         self.state = DaemonState()
@@ -404,7 +405,7 @@ class Daemon:
             if model is not None:
                 self._embed(model, files, head)
         for head in sorted(inbox):
-            self._sort_inbox(head)
+            self._sort_inbox(head, settled=set(paths))
 
     # -- learning from corrections -------------------------------------------------------
     def _learn(self, paths: list[Path]) -> None:
@@ -520,8 +521,12 @@ class Daemon:
         self._trained[head] = (key, trained, model)
         return trained, model
 
-    def _sort_inbox(self, head: str) -> None:
-        """Sort every settled file in <inbox>/<head>/; files stay when paused or the head cannot sort yet."""
+    def _sort_inbox(self, head: str, settled: set[Path] = frozenset()) -> None:
+        """Sort every settled file in <inbox>/<head>/; files stay when paused or the head cannot sort yet.
+
+        Files the settler has not seen yet (present at start, or their events still on the way)
+        must look old enough; `settled` ones are known complete (even with an mtime in the future).
+        """
         if self.state.paused or self._stopping.is_set():
             return
         folder = self.inbox_dir / head
@@ -529,6 +534,9 @@ class Daemon:
         ready: list[Path] = []
         for f in inbox_files(folder):
             if self.settler.is_pending(f):
+                continue
+            if f in settled:
+                ready.append(f)
                 continue
             try:
                 young = now - os.stat(f).st_mtime < self.config.daemon.settle_seconds
@@ -549,12 +557,32 @@ class Daemon:
         except HeadmasterError as e:
             self._tell_once(f"wait:{head}:{e}", f"inbox/{head}: {len(ready)} file(s) wait: {e}")
             return
+        dry_run = self.config.inbox.dry_run
+        if dry_run:  # files stay in the inbox: report each version of a file once
+            ready = [f for f in ready if self._dry_key(f) not in self._dry_reported]
+            if not ready:
+                return
         self._set_activity(f"sorting {head}")
-        sort_files(self.ctx, head, trained, model, ready, self.classified_dir / head,
-                   should_stop=self._stopping.is_set, on_placed=self._placed)
+        result = sort_files(self.ctx, head, trained, model, ready, self.classified_dir / head,
+                            should_stop=self._stopping.is_set, on_placed=self._placed, dry_run=dry_run)
+        if dry_run:
+            self._dry_reported.update(self._dry_key(p.source) for p in result.placed + result.rejected)
+
+    @staticmethod
+    def _dry_key(path: Path) -> tuple[str, int, int]:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return (str(path), -1, -1)
+        return (str(path), st.st_size, st.st_mtime_ns)
 
     def _placed(self, p: Placed) -> None:
         where = p.destination.relative_to(self.classified_dir)
+        if self.config.inbox.dry_run:
+            score = "" if p.score is None else f" ({p.score:.2f})"
+            logger.info("dry run: would move {} -> {}{}{}", p.source.name, where, score,
+                        f": {p.reason}" if p.reason else "")
+            return
         if p.bucket == REJECTED:
             logger.warning("rejected {} -> {}: {}", p.source.name, where, p.reason)
         else:

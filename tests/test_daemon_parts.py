@@ -1,0 +1,137 @@
+"""The daemon's parts as plain objects: debounce bookkeeping, settle detection, event routing, freshness."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from helpers import colour_image, fill_bucket
+from watchdog.events import FileClosedEvent, FileCreatedEvent, FileDeletedEvent, FileModifiedEvent, FileMovedEvent
+
+from headmaster.daemon.inbox import inbox_files, resolve_leftovers
+from headmaster.daemon.state import DaemonState, needs_retrain
+from headmaster.daemon.watcher import Settler, WorkspaceHandler
+from headmaster.heads import save_checkpoint
+from headmaster.store import Store
+from headmaster.workspace import Workspace
+
+
+def test_debounce_is_capped_by_max_delay(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    state = DaemonState()
+    assert state.mark_dirty("h", debounce=30, max_delay=100) == 30
+    clock[0] += 20
+    assert state.mark_dirty("h", debounce=30, max_delay=100) == 30  # quiet period restarts
+    clock[0] += 60
+    assert state.mark_dirty("h", debounce=30, max_delay=100) == 20  # but never past first change + 100
+    clock[0] += 30
+    assert state.mark_dirty("h", debounce=30, max_delay=100) == 0
+    assert state.heads["h"].pending
+    state.begin_retrain("h")
+    assert not state.heads["h"].pending
+    assert state.mark_dirty("h", debounce=30, max_delay=100) == 30  # a new window
+
+
+def test_settler_waits_for_quiet_and_for_the_writer_to_close(tmp_path):
+    settler = Settler(settle_seconds=0.05, track_close=True)
+    done = tmp_path / "done.png"
+    done.write_bytes(b"x" * 10)
+    writing = tmp_path / "writing.png"
+    writing.write_bytes(b"x" * 10)
+    empty = tmp_path / "empty.png"
+    empty.touch()
+    gone = tmp_path / "gone.png"
+    gone.write_bytes(b"x")
+    settler.touch(done)
+    settler.touch(writing, writing=True)
+    settler.touch(empty)
+    settler.touch(gone)
+    gone.unlink()
+    assert settler.check()[0] == []  # nothing has been still long enough
+    time.sleep(0.1)
+    settled, next_due = settler.check()
+    assert settled == [done]  # still open for writing, empty, or vanished: not settled
+    assert next_due is not None and len(settler) == 2
+    settler.closed(writing)
+    time.sleep(0.1)
+    assert settler.check()[0] == [writing]
+    assert settler.is_pending(empty)  # an empty file waits for the long timeout
+
+
+def test_a_file_that_keeps_changing_is_not_settled(tmp_path):
+    settler = Settler(settle_seconds=0.1, track_close=False)
+    f = tmp_path / "grow.png"
+    f.write_bytes(b"a")
+    settler.touch(f)
+    for i in range(4):
+        time.sleep(0.05)
+        f.write_bytes(b"a" * (i + 2))
+        assert settler.check()[0] == []
+    time.sleep(0.15)
+    assert settler.check()[0] == [f]
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda *args: self.calls.append((name, *args))
+
+
+def test_events_are_routed_by_area(tmp_path):
+    heads, inbox, out, classified = (tmp_path / n for n in ("heads", "inbox", "out", "classified"))
+    sink = Recorder()
+    h = WorkspaceHandler(heads, inbox, out, sink, classified_dir=classified)
+    h.dispatch(FileCreatedEvent(str(heads / "c" / "red" / "a.png")))
+    h.dispatch(FileModifiedEvent(str(heads / "c" / "red" / "notes.txt")))  # not an image: ignored
+    h.dispatch(FileClosedEvent(str(inbox / "c" / "b.jpg")))
+    h.dispatch(FileCreatedEvent(str(inbox / "c" / ".hidden.jpg")))  # hidden: ignored
+    h.dispatch(FileCreatedEvent(str(inbox / "c" / "download.jpg.part")))  # still downloading: ignored
+    h.dispatch(FileDeletedEvent(str(heads / "c" / "red" / "a.png")))
+    h.dispatch(FileMovedEvent(str(out / ".c.x.tmp"), str(out / "c.pt")))
+    h.dispatch(FileMovedEvent(str(classified / "c" / "uncertain" / "d.png"), str(classified / "c" / "blue" / "d.png")))
+    h.dispatch(FileCreatedEvent(str(classified / "c" / "uncertain" / "e.png")))  # uncertain teaches nothing
+    names = [c[0] for c in sink.calls]
+    assert names == ["example_changed", "inbox_closed", "example_removed", "checkpoint_written", "classified_changed"]
+    assert sink.calls[3] == ("checkpoint_written", "c")
+    assert sink.calls[4][1:3] == ("c", "blue")
+
+
+def test_needs_retrain_compares_sources_and_mtimes(tmp_path):
+    ws = Workspace(tmp_path)
+    fill_bucket(ws.heads_dir / "c" / "red", "red", 2)
+    fill_bucket(ws.heads_dir / "c" / "blue", "blue", 2, 10)
+    assert needs_retrain(ws, "c", "m").reason == "no checkpoint yet"
+    sources = {b: sorted(p.relative_to(ws.heads_dir).as_posix() for p in (ws.heads_dir / "c" / b).iterdir())
+               for b in ("blue", "red")}
+    checkpoint = {"type": "binary", "input_dim": 4, "model": "m", "model_state_dict": {}, "classes": ["blue", "red"],
+                  "sources": sources}
+    save_checkpoint(checkpoint, ws.checkpoint_path("c"))
+    assert not needs_retrain(ws, "c", "m").retrain
+    assert "active model is 'other'" in needs_retrain(ws, "c", "other").reason
+    extra = colour_image(ws.heads_dir / "c" / "red" / "new.png", "red", 99)
+    assert needs_retrain(ws, "c", "m").reason == "+1 / -0 images since training"
+    extra.unlink()
+    later = os.stat(ws.checkpoint_path("c")).st_mtime_ns + 10**9
+    first = next((ws.heads_dir / "c" / "red").iterdir())
+    os.utime(first, ns=(later, later))
+    assert needs_retrain(ws, "c", "m").reason == "images modified since training"
+
+
+def test_resolve_leftovers_keeps_one_copy(tmp_path):
+    inbox, classified = tmp_path / "inbox", tmp_path / "classified"
+    a = colour_image(inbox / "c" / "a.png", "red", 1)
+    b = colour_image(inbox / "c" / "b.png", "red", 2)
+    c = colour_image(inbox / "c" / "c.png", "red", 3)
+    (classified / "c" / "red").mkdir(parents=True)
+    os.link(a, classified / "c" / "red" / "a.png")  # crash after link, before unlink
+    (classified / "c" / "red" / "b_1.png").write_bytes(b.read_bytes())  # cross-device copy under a clash name
+    (classified / "c" / "red" / ".hm-tmp-abc").write_bytes(b"partial")
+    with Store(tmp_path / "db") as store:
+        left = resolve_leftovers(store, inbox, classified)
+    assert left.temps == 1 and sorted(p.name for p, _ in left.duplicates) == ["a.png", "b.png"]
+    assert inbox_files(inbox / "c") == [c]  # a genuinely new file stays
+    assert sorted(p.name for p in (classified / "c" / "red").iterdir()) == ["a.png", "b_1.png"]
