@@ -16,7 +16,7 @@ import numpy as np
 
 from headmaster.context import Context
 from headmaster.errors import HeadmasterError
-from headmaster.pipeline import Skipped, embed_paths, hash_paths, vectors_for
+from headmaster.pipeline import Skipped, embed_for, hash_paths, vectors_for
 from headmaster.store import Store
 from headmaster.workspace import LabelledSet, Workspace
 
@@ -144,9 +144,7 @@ def find_near_duplicates(ctx: Context, head: str, threshold: float = 0.98, same_
         raise HeadmasterError(f"--threshold must be between -1 and 1, got {threshold}")
     model = ctx.store.active_model()
     entries = labelled_entries(ctx.workspace, head, test_dir)
-    o = ctx.options
-    result = embed_paths(ctx.store, model, [e.path for e in entries], device=o.device, batch_size=o.batch_size,
-                         workers=o.workers, progress=o.progress, label=f"Embedding {head}")
+    result = embed_for(ctx, model, [e.path for e in entries], f"Embedding {head}")
     vectors = vectors_for(ctx.store, model, result.hashes)
     usable = [e for e in entries if e.path in vectors]
     report = DupesReport(head, threshold, skipped=result.skipped, images=len(usable))

@@ -9,7 +9,7 @@ import numpy as np
 
 from headmaster.context import Context
 from headmaster.errors import HeadmasterError
-from headmaster.pipeline import Skipped, embed_paths, vectors_for
+from headmaster.pipeline import Skipped, embed_for, vectors_for
 from headmaster.sorting import load_trained
 
 
@@ -46,9 +46,7 @@ def confusion_matrix(ctx: Context, head: str, test_dir: Path | None = None) -> C
     labelled = test.labelled_images()
     if not labelled:
         raise HeadmasterError(f"no test images in {test.path}")
-    o = ctx.options
-    result = embed_paths(ctx.store, model, [p for p, _ in labelled], device=o.device, batch_size=o.batch_size,
-                         workers=o.workers, progress=o.progress, label=f"Testing {head}")
+    result = embed_for(ctx, model, [p for p, _ in labelled], f"Testing {head}")
     vectors = vectors_for(ctx.store, model, result.hashes)
     usable = [(p, b) for p, b in labelled if p in vectors]
     classes = trained.classes

@@ -11,14 +11,13 @@ from __future__ import annotations
 import itertools
 import os
 import sys
-import threading
 import time
 from collections import deque
 from contextlib import closing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 from PIL import ImageOps
@@ -28,6 +27,9 @@ from headmaster.cores import CoreShare
 from headmaster.embedders import Embedder, get_embedder, pick_device
 from headmaster.images import ImageError, file_sha256, load_image
 from headmaster.store import FileRecord, Model, Store
+
+if TYPE_CHECKING:
+    from headmaster.context import Context
 
 GIL_SWITCH_INTERVAL = 0.0005  # seconds, while embedding (measured in bench/RESULTS.md)
 
@@ -360,6 +362,15 @@ def embed_paths(
     result.hashes = hashes if len(hashes) == len(paths) else {p: hashes[p] for p in paths if p in hashes}
     result.seconds = time.perf_counter() - started
     return result
+
+
+
+def embed_for(ctx: "Context", model: Model, paths: Iterable[Path], label: str = "Embedding",
+              **kwargs: Any) -> EmbedResult:
+    """`embed_paths` with the command's options (device, batch size, workers, progress) from `ctx`."""
+    o = ctx.options
+    return embed_paths(ctx.store, model, paths, device=o.device, batch_size=o.batch_size, workers=o.workers,
+                       progress=o.progress, label=label, **kwargs)
 
 
 def vectors_for(store: Store, model: Model, hashes: dict[Path, str], flipped: bool = False

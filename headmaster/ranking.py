@@ -14,7 +14,7 @@ import numpy as np
 from headmaster.context import Context
 from headmaster.errors import HeadmasterError
 from headmaster.heads import TrainConfig, TrainedHead, head_from_checkpoint, train_head
-from headmaster.pipeline import Skipped, embed_paths, vectors_for
+from headmaster.pipeline import Skipped, embed_for, vectors_for
 from headmaster.sorting import Decision, decide_paths, load_trained, source_images
 
 
@@ -106,9 +106,7 @@ def find_suspects(ctx: Context, head: str, folds: int = 5, config: TrainConfig =
     labelled = ctx.workspace.head(head)
     warnings = labelled.check()
     items = labelled.labelled_images()
-    o = ctx.options
-    result = embed_paths(ctx.store, model, [p for p, _ in items], device=o.device, batch_size=o.batch_size,
-                         workers=o.workers, progress=o.progress, label=f"Embedding {head}")
+    result = embed_for(ctx, model, [p for p, _ in items], f"Embedding {head}")
     vectors = vectors_for(ctx.store, model, result.hashes)
     usable = [(p, b) for p, b in items if p in vectors]
     classes = labelled.classes

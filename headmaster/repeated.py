@@ -27,7 +27,7 @@ from headmaster.context import Context
 from headmaster.errors import HeadmasterError
 from headmaster.heads import (TrainConfig, class_weights, head_from_checkpoint, multiclass_metrics, prepare_inputs,
                               stratified_split, train_head)
-from headmaster.pipeline import EmbedResult, Skipped, embed_paths, vectors_for
+from headmaster.pipeline import EmbedResult, Skipped, embed_for, vectors_for
 from headmaster.prototypes import train_prototypes
 from headmaster.store import Model
 
@@ -321,9 +321,7 @@ def head_vectors(ctx: Context, head: str, model: Model | None = None, label: str
     model = model or ctx.store.active_model()
     labelled = ctx.workspace.head(head)
     images = labelled.labelled_images()
-    o = ctx.options
-    result = embed_paths(ctx.store, model, [p for p, _ in images], device=o.device, batch_size=o.batch_size,
-                         workers=o.workers, progress=o.progress, label=label or f"Embedding {head}")
+    result = embed_for(ctx, model, [p for p, _ in images], label or f"Embedding {head}")
     found = vectors_for(ctx.store, model, result.hashes)
     classes = labelled.classes
     if len(classes) < 2:

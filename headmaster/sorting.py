@@ -11,7 +11,7 @@ from headmaster.context import Context
 from headmaster.errors import HeadmasterError
 from headmaster.fileops import copy_into, move_into, unique_path
 from headmaster.heads import TrainedHead, load_head
-from headmaster.pipeline import EmbedResult, Skipped, embed_paths, vectors_for
+from headmaster.pipeline import EmbedResult, Skipped, embed_for, vectors_for
 from headmaster.store import Model
 from headmaster.workspace import list_images
 
@@ -69,13 +69,10 @@ def embed_for_scoring(ctx: Context, model: Model, paths: list[Path], label: str 
     With `tta`, the mean of the image's and its left-right mirror's unit vectors;
     mirrored vectors are cached apart (flip_embeddings), per model.
     """
-    o = ctx.options
-    result = embed_paths(ctx.store, model, paths, device=o.device, batch_size=o.batch_size, workers=o.workers,
-                         progress=o.progress, label=label)
+    result = embed_for(ctx, model, paths, label)
     vectors = vectors_for(ctx.store, model, result.hashes)
     if tta and vectors:
-        flip = embed_paths(ctx.store, model, list(vectors), device=o.device, batch_size=o.batch_size,
-                           workers=o.workers, progress=o.progress, label=f"{label} (mirrored)", flip=True)
+        flip = embed_for(ctx, model, list(vectors), f"{label} (mirrored)", flip=True)
         mirrored = vectors_for(ctx.store, model, flip.hashes, flipped=True)
         result.skipped.extend(flip.skipped)
         vectors = {p: (_unit(v) + _unit(mirrored[p])) / 2 for p, v in vectors.items() if p in mirrored}

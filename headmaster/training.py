@@ -11,7 +11,7 @@ import numpy as np
 from headmaster.context import Context
 from headmaster.errors import HeadmasterError
 from headmaster.heads import TrainConfig, read_checkpoint, save_checkpoint, train_head
-from headmaster.pipeline import EmbedResult, Skipped, embed_paths, vectors_for
+from headmaster.pipeline import EmbedResult, Skipped, embed_for, vectors_for
 from headmaster.prototypes import train_prototypes
 from headmaster.store import Model
 from headmaster.workspace import LabelledSet
@@ -97,9 +97,7 @@ def embed_heads(ctx: Context, head: str | None = None, label: str = "Embedding")
     names = head_names(ctx, head)
     sets = [ctx.workspace.head(n) for n in names]
     paths = [p for s in sets for p, _ in s.labelled_images()]
-    o = ctx.options
-    result = embed_paths(ctx.store, model, paths, device=o.device, batch_size=o.batch_size, workers=o.workers,
-                         progress=o.progress, label=label)
+    result = embed_for(ctx, model, paths, label)
     report = EmbedReport(model, result, names, ignored=sum(s.ignored for s in sets))
     for s in sets:
         errors, warnings = s.problems()
@@ -125,9 +123,7 @@ def train_one(ctx: Context, head: str, config: TrainConfig = TrainConfig()) -> T
     model = ctx.store.active_model()
     labelled = ctx.workspace.head(head)
     warnings = labelled.check()
-    o = ctx.options
-    result = embed_paths(ctx.store, model, [p for p, _ in labelled.labelled_images()], device=o.device,
-                         batch_size=o.batch_size, workers=o.workers, progress=o.progress, label=f"Embedding {head}")
+    result = embed_for(ctx, model, [p for p, _ in labelled.labelled_images()], f"Embedding {head}")
     vectors = vectors_for(ctx.store, model, result.hashes)
     classes = labelled.classes
     rows, labels, sources = [], [], {c: [] for c in classes}

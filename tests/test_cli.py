@@ -3,7 +3,6 @@
 import re
 import shutil
 import sqlite3
-from pathlib import Path
 
 import pytest
 import torch
