@@ -18,7 +18,7 @@ from headmaster.context import Context, EmbedOptions
 from headmaster.errors import HeadmasterError
 from headmaster.labels import import_labels as import_labels_fn, read_label_csv
 from headmaster.output import FORMATS, write_rows
-from headmaster.workspace import Workspace
+from headmaster.workspace import Workspace, shown_path
 
 if TYPE_CHECKING:
     from headmaster.pipeline import Skipped
@@ -120,11 +120,7 @@ def _context(obj: dict, device=None, batch_size=None, workers=None) -> Context:
 
 def _print_skipped(skipped: list[Skipped], root: Path) -> None:
     for s in skipped:
-        try:
-            shown = s.path.relative_to(root)
-        except ValueError:
-            shown = s.path
-        click.echo(f"Skipped {shown}: {s.reason}", err=True)
+        click.echo(f"Skipped {shown_path(s.path, root)}: {s.reason}", err=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

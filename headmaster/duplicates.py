@@ -18,7 +18,7 @@ from headmaster.context import Context
 from headmaster.errors import HeadmasterError
 from headmaster.pipeline import Skipped, embed_for, hash_paths, vectors_for
 from headmaster.store import Store
-from headmaster.workspace import LabelledSet, Workspace
+from headmaster.workspace import LabelledSet, Workspace, shown_path
 
 SIMILARITY_CHUNK = 1024  # rows of the similarity matrix computed at once: memory stays flat
 
@@ -45,7 +45,7 @@ class Leak:
     buckets: tuple[str, ...]
 
     def describe(self, root: Path) -> str:
-        names = ", ".join(_rel(f, root) for f in self.files)
+        names = ", ".join(shown_path(f, root) for f in self.files)
         if self.kind == "test":
             return f"leak in head '{self.head}': the same image is in heads/ and test/: {names}"
         return f"head '{self.head}': the same image is in buckets {' and '.join(self.buckets)}: {names}"
@@ -171,12 +171,6 @@ def find_near_duplicates(ctx: Context, head: str, threshold: float = 0.98, same_
 
 
 def dupes_rows(report: DupesReport, root: Path) -> list[dict]:
-    return [{"similarity": p.similarity, "a": _rel(p.a.path, root), "b": _rel(p.b.path, root),
+    return [{"similarity": p.similarity, "a": shown_path(p.a.path, root), "b": shown_path(p.b.path, root),
              "identical": "yes" if p.identical else "no"} for p in report.pairs]
 
-
-def _rel(path: Path, root: Path) -> str:
-    try:
-        return Path(path).relative_to(root).as_posix()
-    except ValueError:
-        return str(path)

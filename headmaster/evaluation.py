@@ -11,6 +11,7 @@ from headmaster.context import Context
 from headmaster.errors import HeadmasterError
 from headmaster.pipeline import Skipped, embed_for, vectors_for
 from headmaster.sorting import load_trained
+from headmaster.workspace import shown_path
 
 
 @dataclass
@@ -84,13 +85,7 @@ def format_confusion(result: ConfusionResult, extended: bool = False, root: Path
                 lines.append("")
                 lines.append(f"Actual {actual} / Pred {pred} ({len(group)})")
                 for p in group:
-                    shown = p
-                    if root is not None:
-                        try:
-                            shown = p.relative_to(root)
-                        except ValueError:
-                            pass
-                    lines.append(f"  {tag} {shown}")
+                    lines.append(f"  {tag} {shown_path(p, root)}")
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 TEMP_PREFIX = ".hm-tmp-"  # hidden, so scans ignore it; cleaned by `remove_stale_temps`
 
@@ -53,23 +54,54 @@ def _link_unique(existing: Path, folder: Path, name: str) -> Path:
             continue
 
 
+NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK)
+
+
+def claim_name(tmp: Path, target: Path) -> None:
+    """Give `tmp` the name `target` only if that name is free; FileExistsError otherwise. Never replaces."""
+    try:
+        os.link(tmp, target)  # link() never replaces, so a file that appeared meanwhile is safe
+    except OSError as e:
+        if e.errno not in NO_HARD_LINKS:
+            raise
+        # no hard links here: reserve the name exclusively, then rename over our own reservation
+        os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        os.replace(tmp, target)
+        return
+    tmp.unlink()
+
+
 def _claim_unique(tmp: Path, folder: Path, name: str) -> Path:
     """Give `tmp` a free final name without ever replacing another file."""
-    try:
-        target = _link_unique(tmp, folder, name)
-        tmp.unlink()
-        return target
-    except OSError as e:
-        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-            raise
-    while True:  # no hard links here: reserve the name exclusively, then rename over our own reservation
+    while True:
         target = unique_path(folder, name)
         try:
-            os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            claim_name(tmp, target)
+            return target
         except FileExistsError:
             continue
-        os.replace(tmp, target)
-        return target
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], object], replace: bool = True) -> None:
+    """Write `path` through a temp file in the same folder, fsynced, then renamed into place.
+
+    `replace=False` keeps an existing file (FileExistsError). The temp file never outlives a failure.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            claim_name(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def copy_into(src: Path, folder: Path, name: str | None = None) -> Path:
@@ -97,7 +129,7 @@ def link_into(src: Path, folder: Path, name: str | None = None) -> tuple[Path, s
     try:
         target = _link_unique(Path(src), folder, name or Path(src).name)
     except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+        if e.errno not in NO_HARD_LINKS:
             raise
         return copy_into(Path(src), folder, name), "copied"
     fsync_dir(folder)
@@ -111,15 +143,7 @@ def move_into(src: Path, folder: Path, name: str | None = None) -> Path:
     filesystems: copy (fsynced), then unlink the source. At any instant the
     file exists at least once; the source is only removed once the copy is durable.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    name = name or Path(src).name
-    try:
-        target = _link_unique(Path(src), folder, name)
-        fsync_dir(folder)
-    except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
-            raise
-        target = copy_into(Path(src), folder, name)
+    target, _ = link_into(src, folder, name)
     os.unlink(src)
     fsync_dir(Path(src).parent)
     return target

@@ -8,8 +8,6 @@ numbers that load with `torch.load(..., weights_only=True)`.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,6 +18,7 @@ import torch
 from torch import nn
 
 from headmaster.errors import HeadmasterError
+from headmaster.fileops import write_atomic
 
 UNCERTAIN = "uncertain"
 BINARY_MARGIN = 0.1  # binary: within this of the threshold is uncertain
@@ -56,8 +55,12 @@ class HeadMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return self.net((x - self.input_mean) * math.sqrt(x.shape[1]))
+        return self.net((unit_rows(x) - self.input_mean) * math.sqrt(x.shape[1]))
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row scaled to length 1 (an all-zero row stays zero)."""
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def prepare_inputs(vectors: np.ndarray) -> torch.Tensor:
@@ -66,8 +69,7 @@ def prepare_inputs(vectors: np.ndarray) -> torch.Tensor:
     Backbones differ wildly in vector scale (CLIP ~10, DINOv2 ~50, CNN pools ~1).
     HeadMLP applies this itself (plus centring); other head kinds share it.
     """
-    x = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
-    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    x = unit_rows(torch.as_tensor(np.asarray(vectors, dtype=np.float32)))
     return x * math.sqrt(x.shape[1])
 
 
@@ -214,8 +216,7 @@ def _fit(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_va
     binary = n_classes == 2
     torch.manual_seed(config.seed)
     module = HeadMLP(x_train.shape[1], 1 if binary else n_classes)
-    unit = x_train / x_train.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    module.input_mean.copy_(unit.mean(dim=0))
+    module.input_mean.copy_(unit_rows(x_train).mean(dim=0))
     optimiser = torch.optim.Adam(module.parameters(), lr=config.lr)
     w = torch.as_tensor(weights)
 
@@ -339,17 +340,7 @@ def assemble_checkpoint(kind: str, head_name: str, classes: list[str], input_dim
 
 def save_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:
     """Write atomically: a temp file in the same folder, fsynced, then renamed over the old one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda f: torch.save(checkpoint, f))
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

@@ -9,16 +9,14 @@ in the order they first appear. The writer never decides what a row holds.
 from __future__ import annotations
 
 import csv
-import errno
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, TextIO
 
 from headmaster.errors import HeadmasterError
+from headmaster.fileops import write_atomic
 
 FORMATS = ("table", "csv", "json")
 FLOAT_DIGITS = 4  # probabilities: four decimals are plenty to compare and sort by eye
@@ -126,35 +124,9 @@ def write_rows(rows: list[dict[str, Any]], fmt: str, stream: TextIO | None = Non
     write_text_atomic(path, text, overwrite)
 
 
-def _claim(tmp: Path, path: Path) -> None:
-    """Give `tmp` the name `path` only if that name is free (FileExistsError otherwise)."""
-    try:
-        os.link(tmp, path)  # link() never replaces, so a file that appeared meanwhile is safe
-        tmp.unlink()
-        return
-    except OSError as e:
-        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
-            raise
-    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))  # no hard links: reserve, then rename
-    os.replace(tmp, path)
-
-
 def write_text_atomic(path: Path, text: str, overwrite: bool = False) -> None:
     """Temp file in the same folder, fsynced, then renamed; without `overwrite` an existing file is kept."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".hm-tmp-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            _claim(Path(tmp), path)
+        write_atomic(path, lambda f: f.write(text.encode("utf-8")), replace=overwrite)
     except FileExistsError:
-        Path(tmp).unlink(missing_ok=True)
         raise HeadmasterError(f"{path} already exists (use --overwrite to replace it)") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

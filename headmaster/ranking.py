@@ -16,6 +16,7 @@ from headmaster.errors import HeadmasterError
 from headmaster.heads import TrainConfig, TrainedHead, head_from_checkpoint, train_head
 from headmaster.pipeline import Skipped, embed_for, vectors_for
 from headmaster.sorting import Decision, decide_paths, load_trained, source_images
+from headmaster.workspace import shown_path
 
 
 @dataclass
@@ -143,9 +144,4 @@ def suspect_rows(report: SuspectReport, root: Path | None = None) -> list[dict]:
 
 
 def _shown(path: Path, root: Path | None) -> str:
-    if root is None:
-        return path.name
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return str(path)
+    return path.name if root is None else shown_path(path, root)

@@ -13,7 +13,7 @@ from headmaster.fileops import copy_into, move_into, unique_path
 from headmaster.heads import TrainedHead, load_head
 from headmaster.pipeline import EmbedResult, Skipped, embed_for, vectors_for
 from headmaster.store import Model
-from headmaster.workspace import list_images
+from headmaster.workspace import list_images, shown_path
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ def prediction_rows(report: MultiReport, root: Path | None = None) -> list[dict]
     """One row per image: {'image': name, head: {class: probability, ..., 'prediction': bucket}} (seed 001's shape)."""
     rows = []
     for pred in report.predictions:
-        shown = pred.path.name if root is None else _relative(pred.path, root)
+        shown = pred.path.name if root is None else shown_path(pred.path, root)
         row: dict = {"image": shown}
         for head, d in pred.decisions.items():
             row[head] = {**d.probabilities, "prediction": d.bucket}
@@ -190,8 +190,3 @@ def prediction_rows(report: MultiReport, root: Path | None = None) -> list[dict]
     return rows
 
 
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return str(path)

@@ -14,7 +14,7 @@ from headmaster.heads import TrainConfig, read_checkpoint, save_checkpoint, trai
 from headmaster.pipeline import EmbedResult, Skipped, embed_for, vectors_for
 from headmaster.prototypes import train_prototypes
 from headmaster.store import Model
-from headmaster.workspace import LabelledSet
+from headmaster.workspace import LabelledSet, shown_path
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class LabelConflict:
     buckets: tuple[str, ...]
 
     def describe(self, root: Path) -> str:
-        names = ", ".join(_rel(f, root) for f in self.files)
+        names = ", ".join(shown_path(f, root) for f in self.files)
         return f"head '{self.head}': identical image in buckets {' and '.join(self.buckets)}: {names}"
 
 
@@ -59,12 +59,6 @@ class TrainReport:
     embed: EmbedResult | None = None
     kind: str = "mlp"
 
-
-def _rel(path: Path, root: Path) -> str:
-    try:
-        return Path(path).relative_to(root).as_posix()
-    except ValueError:
-        return str(path)
 
 
 def find_conflicts(labelled: LabelledSet, hashes: dict[Path, str]) -> list[LabelConflict]:
@@ -131,7 +125,7 @@ def train_one(ctx: Context, head: str, config: TrainConfig = TrainConfig()) -> T
         if path in vectors:
             rows.append(vectors[path])
             labels.append(classes.index(bucket))
-            sources[bucket].append(_rel(path, ctx.workspace.heads_dir))
+            sources[bucket].append(shown_path(path, ctx.workspace.heads_dir))
     empty = [c for c in classes if not sources[c]]
     if empty:
         raise HeadmasterError(f"head '{head}': no usable images left in bucket(s) {', '.join(empty)} "

@@ -133,6 +133,16 @@ class LabelledSet:
         return warnings
 
 
+def shown_path(path: Path | str, root: Path | None) -> str:
+    """`path` relative to `root` when it lies below it (POSIX separators), else the path as given."""
+    if root is not None:
+        try:
+            return Path(path).relative_to(root).as_posix()
+        except ValueError:
+            pass
+    return str(path)
+
+
 def list_images(folder: Path) -> tuple[list[Path], int]:
     """Images directly inside `folder` (sorted) and the count of other entries ignored."""
     names: list[str] = []
