@@ -133,9 +133,9 @@ class Scan:
     """Paths sorted by what the file index knows about them, without reading any file."""
 
     known: dict[Path, str]  # unchanged since last seen: path -> content hash
-    to_read: list[tuple[Path, Signature]]  # new or changed: must be read and hashed
+    to_read: list[tuple[Path, str, Signature]]  # new or changed: (path, its file-index key, stat signature)
     skipped: list[Skipped]
-    keys: dict[Path, str]  # path -> its key in the file index (absolute path)
+    cached: set[str]  # hashes among `known` that already have a vector for the model asked about
 
 
 def index_key(path: Path) -> str:
@@ -143,24 +143,41 @@ def index_key(path: Path) -> str:
     return str(path) if path.is_absolute() else str(path.absolute())
 
 
-def scan_paths(store: Store, paths: list[Path]) -> Scan:
-    """Stat every path and look all of them up in the file index in bulk (this is all a re-run costs)."""
-    keys = {p: index_key(p) for p in paths}
-    records = store.file_signatures(keys.values())
-    scan = Scan({}, [], [], keys)
-    known, to_read = scan.known, scan.to_read
-    for p, key in keys.items():
+def _stat_all(keys: list[str]) -> list[Signature | None]:
+    """(size, mtime_ns, inode) of each path, None where it is gone."""
+    out: list[Signature | None] = []
+    stat = os.stat
+    for key in keys:
         try:
-            st = os.stat(key)
+            st = stat(key)
         except OSError:
+            out.append(None)
+            continue
+        out.append((st.st_size, st.st_mtime_ns, st.st_ino))
+    return out
+
+
+def scan_paths(store: Store, paths: list[Path], model_id: int | None = None, flipped: bool = False) -> Scan:
+    """Stat every path and look all of them up in the file index in bulk (this is all a re-run costs).
+
+    With `model_id`, the same query tells which known contents already have a vector (`Scan.cached`).
+    """
+    keys = [index_key(p) for p in paths]
+    records = store.file_signatures(keys, model_id, flipped)
+    signatures = _stat_all(keys)
+    scan = Scan({}, [], [], set())
+    known, to_read, cached = scan.known, scan.to_read, scan.cached
+    for p, key, sig in zip(paths, keys, signatures):
+        if sig is None:
             scan.skipped.append(Skipped(p, "file vanished"))
             continue
-        sig = (st.st_size, st.st_mtime_ns, st.st_ino)
         rec = records.get(key)
         if rec is not None and rec[:3] == sig:
             known[p] = rec[3]
+            if rec[4]:
+                cached.add(rec[3])
         else:
-            to_read.append((p, sig))
+            to_read.append((p, key, sig))
     return scan
 
 
@@ -172,7 +189,7 @@ def stream_hashes(store: Store, scan: Scan, workers: int, depth: int = 64, share
     """
     share = share or CoreShare(False)
 
-    def read_hash(item: tuple[Path, Signature]) -> str | OSError:
+    def read_hash(item: tuple[Path, str, Signature]) -> str | OSError:
         with share.working():
             try:
                 return file_sha256(item[0])
@@ -181,11 +198,11 @@ def stream_hashes(store: Store, scan: Scan, workers: int, depth: int = 64, share
 
     fresh: list[FileRecord] = []
     try:
-        for (p, sig), digest in ordered_map(read_hash, scan.to_read, workers, depth, name="hm-hash"):
+        for (p, key, sig), digest in ordered_map(read_hash, scan.to_read, workers, depth, name="hm-hash"):
             if isinstance(digest, OSError):
                 yield p, Skipped(p, f"cannot read ({digest.strerror or digest})")
                 continue
-            fresh.append(FileRecord(scan.keys[p], sig[0], sig[1], sig[2], digest))
+            fresh.append(FileRecord(key, sig[0], sig[1], sig[2], digest))
             if len(fresh) >= 500:
                 store.put_file_records(fresh)
                 fresh = []
@@ -269,9 +286,9 @@ def embed_paths(
     paths = list(dict.fromkeys(p if isinstance(p, Path) else Path(p) for p in paths))
     workers = workers or default_workers()
     result = EmbedResult(workers=workers)
-    scan = scan_paths(store, paths)
+    scan = scan_paths(store, paths, model.id, flip)
     result.skipped, result.hashed = list(scan.skipped), len(scan.to_read)
-    cached = store.cached_hashes(model.id, set(scan.known.values()), flipped=flip)
+    cached = scan.cached
     hashes: dict[Path, str] = {}
     queued: set[str] = set()
     device_type = embedder.device.type if embedder else pick_device(device).type

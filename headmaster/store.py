@@ -186,7 +186,7 @@ class Store:
     def cached_hashes(self, model_id: int, hashes: Iterable[str], flipped: bool = False) -> set[str]:
         found: set[str] = set()
         table = _vector_table(flipped)
-        for part in chunks(sorted(set(hashes))):
+        for part in chunks(list(set(hashes))):
             marks = ",".join("?" * len(part))
             rows = self.conn.execute(
                 f"SELECT hash FROM {table} WHERE model_id = ? AND hash IN ({marks})", (model_id, *part))
@@ -196,7 +196,7 @@ class Store:
     def vectors(self, model_id: int, hashes: Iterable[str], flipped: bool = False) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         table = _vector_table(flipped)
-        for part in chunks(sorted(set(hashes))):
+        for part in chunks(list(set(hashes))):
             marks = ",".join("?" * len(part))
             rows = self.conn.execute(
                 f"SELECT hash, vector FROM {table} WHERE model_id = ? AND hash IN ({marks})", (model_id, *part))
@@ -222,13 +222,22 @@ class Store:
             out.update((r[0], FileRecord(*r)) for r in rows)
         return out
 
-    def file_signatures(self, paths: Iterable[str]) -> dict[str, tuple[int, int, int, str]]:
-        """path -> (size, mtime_ns, inode, hash) for the indexed ones: `file_records` without objects (fast path)."""
-        out: dict[str, tuple[int, int, int, str]] = {}
+    def file_signatures(self, paths: Iterable[str], model_id: int | None = None, flipped: bool = False
+                        ) -> dict[str, tuple[int, int, int, str, bool]]:
+        """path -> (size, mtime_ns, inode, hash, has_vector) for the indexed ones (the re-run fast path).
+
+        `has_vector`: whether `model_id` has a cached vector for that hash (False without a model); one
+        query answers both, which is all an unchanged file costs.
+        """
+        cached = (f"EXISTS (SELECT 1 FROM {_vector_table(flipped)} e WHERE e.hash = f.hash AND e.model_id = ?)"
+                  if model_id is not None else "0")
+        extra = () if model_id is None else (model_id,)
+        out: dict[str, tuple[int, int, int, str, bool]] = {}
         for part in chunks(list(paths), 900):
             marks = ",".join("?" * len(part))
             rows = self.conn.execute(
-                f"SELECT path, size, mtime_ns, inode, hash FROM files WHERE path IN ({marks})", part)
+                f"SELECT path, size, mtime_ns, inode, hash, {cached} FROM files f WHERE path IN ({marks})",
+                (*extra, *part))
             out.update((r[0], r[1:]) for r in rows)
         return out
 

@@ -62,16 +62,22 @@ class TrainReport:
 
 
 def find_conflicts(labelled: LabelledSet, hashes: dict[Path, str]) -> list[LabelConflict]:
+    """Identical contents filed under more than one bucket (one pass; the rare conflicts are gathered after)."""
+    first_bucket: dict[str, str] = {}
+    clashing: set[str] = set()
+    for path, bucket in labelled.labelled_images():
+        h = hashes.get(path)
+        if h is not None and first_bucket.setdefault(h, bucket) != bucket:
+            clashing.add(h)
+    if not clashing:
+        return []
     by_hash: dict[str, list[tuple[Path, str]]] = defaultdict(list)
     for path, bucket in labelled.labelled_images():
-        if path in hashes:
-            by_hash[hashes[path]].append((path, bucket))
-    conflicts = []
-    for h, items in by_hash.items():
-        buckets = sorted({b for _, b in items})
-        if len(buckets) > 1:
-            conflicts.append(LabelConflict(labelled.name, h, tuple(p for p, _ in items), tuple(buckets)))
-    return conflicts
+        h = hashes.get(path)
+        if h in clashing:
+            by_hash[h].append((path, bucket))
+    return [LabelConflict(labelled.name, h, tuple(p for p, _ in items), tuple(sorted({b for _, b in items})))
+            for h, items in by_hash.items()]
 
 
 def head_names(ctx: Context, head: str | None) -> list[str]:

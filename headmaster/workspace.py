@@ -19,8 +19,17 @@ DEFAULT_WORKSPACE = "workspace"
 
 def is_image_name(path: Path | str) -> bool:
     """True for a visible file whose extension is an image extension (any case)."""
-    name = os.path.basename(path)
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    return _is_image_file_name(path.name if isinstance(path, Path) else os.path.basename(path))
+
+
+def _is_image_file_name(name: str) -> bool:
+    dot = name.rfind(".")  # not os.path.splitext: this runs once per file on every re-run
+    return dot > 0 and name[0] != "." and name[dot:].lower() in IMAGE_EXTENSIONS
+
+
+# CPython's own child-path constructor (what Path.iterdir uses) skips re-parsing the parent: about 5x faster
+# than `folder / name`, which matters once per file on every re-run. `/` wherever it is missing.
+_child_path = getattr(Path, "_make_child_relpath", None) or Path.__truediv__
 
 
 @dataclass(frozen=True)
@@ -149,13 +158,13 @@ def list_images(folder: Path) -> tuple[list[Path], int]:
     ignored = 0
     with os.scandir(folder) as entries:
         for entry in entries:
-            if entry.is_file() and is_image_name(entry.name):
+            if entry.is_file() and _is_image_file_name(entry.name):
                 names.append(entry.name)
             else:
                 ignored += 1
     names.sort()  # sorting names, not Paths: Path comparisons cost ~1 us each, the largest part of a re-run
     folder = Path(folder)
-    return [folder / n for n in names], ignored
+    return [_child_path(folder, n) for n in names], ignored
 
 
 def scan_labelled_set(name: str, path: Path) -> LabelledSet:

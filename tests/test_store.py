@@ -51,3 +51,20 @@ def test_vectors_round_trip_float32(tmp_path):
 def test_no_active_model_message(tmp_path):
     with pytest.raises(HeadmasterError, match="no model registered"):
         Store(tmp_path / "h.db").active_model()
+
+
+def test_file_signatures_tell_which_contents_have_a_vector(tmp_path):
+    from headmaster.store import FileRecord
+
+    store = Store(tmp_path / "h.db")
+    a = store.add_model("a", "org/a", 2)
+    b = store.add_model("b", "org/b", 2)
+    store.put_file_records([FileRecord("/x/1.jpg", 10, 100, 7, "h1"), FileRecord("/x/2.jpg", 20, 200, 8, "h2")])
+    store.put_vectors(a.id, [("h1", np.ones(2))])
+    store.put_vectors(b.id, [("h2", np.ones(2))], flipped=True)
+    keys = ["/x/1.jpg", "/x/2.jpg", "/x/unknown.jpg"]
+    assert store.file_signatures(keys) == {"/x/1.jpg": (10, 100, 7, "h1", 0), "/x/2.jpg": (20, 200, 8, "h2", 0)}
+    assert {k: v[4] for k, v in store.file_signatures(keys, a.id).items()} == {"/x/1.jpg": 1, "/x/2.jpg": 0}
+    assert {k: v[4] for k, v in store.file_signatures(keys, b.id).items()} == {"/x/1.jpg": 0, "/x/2.jpg": 0}
+    assert {k: v[4] for k, v in store.file_signatures(keys, b.id, flipped=True).items()} == \
+        {"/x/1.jpg": 0, "/x/2.jpg": 1}

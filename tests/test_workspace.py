@@ -15,6 +15,12 @@ def test_extensions_case_insensitive_and_hidden_ignored(tmp_path):
     assert [p.name for p in images] == ["a.JPG", "b.jpeg", "c.PNG", "d.webp", "e.BMP", "f.gif", "g.TIF", "h.tiff"]
     assert ignored == 4  # i.txt, .hidden.jpg, notes.md, sub/
     assert not is_image_name(".x.png") and is_image_name("X.JpEg")
+    assert not is_image_name("jpg") and not is_image_name(".jpg") and not is_image_name("a.jpg.txt")
+    assert is_image_name(Path("/some/dir.d/x.tif")) and not is_image_name("/some/dir.jpg/x")
+    # the fast child paths are ordinary paths: equal to, hashed like and printed like `folder / name`
+    assert images == [tmp_path / p.name for p in images]
+    assert {hash(p) for p in images} == {hash(tmp_path / p.name) for p in images}
+    assert [str(p) for p in images] == [f"{tmp_path}/{p.name}" for p in images]
 
 
 def test_env_var_overrides_default(monkeypatch, tmp_path):
