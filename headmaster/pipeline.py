@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from headmaster.cores import CoreShare
 from headmaster.embedders import Embedder, get_embedder, pick_device
+from headmaster.heap import keep_freed_memory, release_freed_memory
 from headmaster.images import ImageError, file_sha256, load_image
 from headmaster.store import FileRecord, Model, Store
 
@@ -55,6 +56,8 @@ class EmbedResult:
     seconds: float = 0.0
     embed_seconds: float = 0.0  # decode + forward time for the `embedded` images
     load_seconds: float = 0.0  # loading the model (0 when nothing needed embedding or it was loaded already)
+    first_batch_seconds: float = 0.0  # from the start of embedding to the first batch's vectors (pipeline fill)
+    first_batch_images: int = 0
     batch_size: int = 0  # what the forward pass used (0: no forward pass)
     workers: int = 0  # decode workers used
     cpu_share: str = ""  # how the forward pass and the workers shared the CPU (headmaster.cores), "off" on a GPU
@@ -66,6 +69,7 @@ class EmbedResult:
         return {"embedded": self.embedded, "cached": self.cached, "skipped": len(self.skipped),
                 "hashed": self.hashed, "seconds": self.seconds, "embed_seconds": self.embed_seconds,
                 "load_seconds": self.load_seconds, "images_per_second": self.images_per_second,
+                "first_batch_seconds": self.first_batch_seconds, "first_batch_images": self.first_batch_images,
                 "batch_size": self.batch_size, "workers": self.workers, "torch_threads": torch.get_num_threads(),
                 "cpu_share": self.cpu_share,
                 "peak_rss_mib": peak_rss_mib()}
@@ -323,6 +327,8 @@ def embed_paths(
     try:  # on any exit, stop the hashing and decoding threads now, not when the generators are collected
         first = next(stream, None)
         if first is not None:
+            if device_type == "cpu":
+                keep_freed_memory()  # activations are reused from batch to batch instead of faulted in anew
             t_load = time.perf_counter()
             embedder = embedder or get_embedder(model.name, model.path, model.embed_dim, device)
             batch_size = batch_size or default_batch_size(embedder)
@@ -338,6 +344,8 @@ def embed_paths(
                 with gate.forward(len(batch)):
                     vectors = embedder.embed_pixels(pixels)
                 store.put_vectors(model.id, zip((h for h, _ in batch), vectors), flipped=flip)
+                if not result.embedded:
+                    result.first_batch_seconds, result.first_batch_images = time.perf_counter() - t0, len(batch)
                 result.embedded += len(batch)
                 bar.update(len(batch))
                 batch.clear()
@@ -371,6 +379,7 @@ def embed_paths(
             result.embed_seconds = time.perf_counter() - t0
     finally:
         stream.close()
+        release_freed_memory()
     if bad:
         for p, h in list(hashes.items()):
             if h in bad:

@@ -43,6 +43,7 @@ from headmaster.pipeline import hash_paths
 from headmaster.pipeline import embed_paths
 from headmaster.sorting import load_trained
 from headmaster.store import Model, Store
+from headmaster.heap import release_freed_memory
 from headmaster.training import train_one
 from headmaster.workspace import Workspace
 
@@ -489,6 +490,7 @@ class Daemon:
         finally:
             with self.state.lock:
                 h.training = False
+            release_freed_memory()  # the daemon idles after this: give training's freed memory back
         with self.state.lock:
             h.retrains += 1
             h.last_error = None
