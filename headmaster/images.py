@@ -26,6 +26,10 @@ class ImageError(Exception):
     """The file cannot be used as an image; str(error) is the reason."""
 
 
+class ImageUnavailable(ImageError):
+    """The file could not be read just now (gone, no permission, out of memory): says nothing about its content."""
+
+
 def file_sha256(path: Path | str) -> str:
     """SHA-256 of the file's bytes, read in 1 MiB chunks so memory stays flat."""
     digest = hashlib.sha256()
@@ -82,9 +86,11 @@ def load_image(path: Path | str, min_side: int | None = None) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageError("not an image (unrecognised format)") from None
     except FileNotFoundError:
-        raise ImageError("file vanished") from None
+        raise ImageUnavailable("file vanished") from None
     except PermissionError:
-        raise ImageError("permission denied") from None
+        raise ImageUnavailable("permission denied") from None
+    except MemoryError:
+        raise ImageUnavailable("out of memory while decoding") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"truncated or corrupt image ({e})") from None
     except Exception as e:  # a decoder bug in Pillow must not take the run down

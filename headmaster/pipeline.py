@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 from PIL import ImageOps
+from PIL import __version__ as PILLOW_VERSION
 from tqdm import tqdm
 
 from headmaster.cores import CoreShare
 from headmaster.embedders import Embedder, get_embedder, pick_device
 from headmaster.heap import keep_freed_memory, release_freed_memory
-from headmaster.images import ImageError, file_sha256, load_image
+from headmaster.images import ImageError, ImageUnavailable, file_sha256, load_image
 from headmaster.store import FileRecord, Model, Store
 
 if TYPE_CHECKING:
@@ -299,13 +300,18 @@ def embed_paths(
     gate = CoreShare(device_type == "cpu" and cpu_share != "off",
                      mode=None if cpu_share in ("auto", "off") else cpu_share)
 
+    # hash -> why it cannot be embedded; contents that failed before are skipped without loading the model
+    bad: dict[str, str] = store.unusable(model.id, {h for h in scan.known.values() if h not in cached},
+                                         PILLOW_VERSION)
+    found_bad: list[tuple[str, str]] = []  # failures of this run that are about the content: remembered
+
     def todo() -> Iterator[tuple[str, Path]]:
         """Unique contents without a cached vector, known files first, new files as they are hashed."""
         for p, h in scan.known.items():
             hashes[p] = h
             if h in cached:
                 result.cached += 1
-            elif h not in queued:
+            elif h not in queued and h not in bad:
                 queued.add(h)
                 yield h, p
         hashed = stream_hashes(store, scan, workers, share=gate)
@@ -318,11 +324,14 @@ def embed_paths(
                 if h in cached or (h not in queued and store.cached_hashes(model.id, [h], flipped=flip)):
                     cached.add(h)
                     result.cached += 1
-                elif h not in queued:
+                elif h in queued or h in bad:
+                    continue
+                elif reason := store.unusable(model.id, [h], PILLOW_VERSION).get(h):
+                    bad[h] = reason
+                else:
                     queued.add(h)
                     yield h, p
 
-    bad: dict[str, str] = {}  # hash -> why it cannot be embedded
     stream = todo()
     try:  # on any exit, stop the hashing and decoding threads now, not when the generators are collected
         first = next(stream, None)
@@ -334,7 +343,8 @@ def embed_paths(
             batch_size = batch_size or default_batch_size(embedder)
             t0 = time.perf_counter()
             result.load_seconds, result.batch_size = t0 - t_load, batch_size
-            estimate = sum(1 for h in set(scan.known.values()) if h not in cached) + len(scan.to_read)
+            estimate = sum(1 for h in set(scan.known.values()) if h not in cached and h not in bad) \
+                + len(scan.to_read)
             bar = tqdm(total=estimate, desc=label, unit="img", disable=not progress_enabled(progress),
                        dynamic_ncols=True, smoothing=0.1)
             batch: list[tuple[str, np.ndarray]] = []
@@ -362,6 +372,8 @@ def embed_paths(
                 for (h, _), prepared in decoded:
                     if isinstance(prepared, ImageError):
                         bad[h] = str(prepared)
+                        if not isinstance(prepared, ImageUnavailable):
+                            found_bad.append((h, str(prepared)))
                         bar.update(1)
                         continue
                     batch.append((h, prepared))
@@ -371,6 +383,7 @@ def embed_paths(
                     flush()
             finally:
                 decoded.close()
+                store.put_unusable(model.id, found_bad, PILLOW_VERSION)
                 sys.setswitchinterval(switch_interval)
                 gate.close()
                 bar.total = bar.n  # duplicates and cached contents among new files were never queued

@@ -61,6 +61,15 @@ CREATE TABLE IF NOT EXISTS flip_embeddings (
     PRIMARY KEY (hash, model_id)
 );
 CREATE INDEX IF NOT EXISTS sorts_source ON sorts(source);
+-- contents a model could not use (corrupt, not an image), so a re-run skips them without loading the model;
+-- `pillow` is the decoder's version: an upgrade retries them
+CREATE TABLE IF NOT EXISTS unusable (
+    hash TEXT NOT NULL,
+    model_id INTEGER NOT NULL REFERENCES models(id),
+    reason TEXT NOT NULL,
+    pillow TEXT NOT NULL,
+    PRIMARY KEY (hash, model_id)
+);
 """
 
 
@@ -178,6 +187,7 @@ class Store:
             self.conn.execute("BEGIN IMMEDIATE")
             n = self.conn.execute("DELETE FROM embeddings WHERE model_id = ?", (model.id,)).rowcount
             self.conn.execute("DELETE FROM flip_embeddings WHERE model_id = ?", (model.id,))
+            self.conn.execute("DELETE FROM unusable WHERE model_id = ?", (model.id,))
             self.conn.execute("DELETE FROM models WHERE id = ?", (model.id,))
         return n
 
@@ -206,6 +216,21 @@ class Store:
     def put_vectors(self, model_id: int, items: Iterable[tuple[str, np.ndarray]], flipped: bool = False) -> None:
         self._write(f"INSERT OR REPLACE INTO {_vector_table(flipped)} (hash, model_id, vector) VALUES (?, ?, ?)",
                     [(h, model_id, vector_to_blob(v)) for h, v in items])
+
+    def unusable(self, model_id: int, hashes: Iterable[str], pillow: str) -> dict[str, str]:
+        """hash -> why `model_id` could not use that content, as found with this Pillow version."""
+        out: dict[str, str] = {}
+        for part in chunks(list(set(hashes))):
+            marks = ",".join("?" * len(part))
+            rows = self.conn.execute(
+                f"SELECT hash, reason FROM unusable WHERE model_id = ? AND pillow = ? AND hash IN ({marks})",
+                (model_id, pillow, *part))
+            out.update(rows)
+        return out
+
+    def put_unusable(self, model_id: int, items: Iterable[tuple[str, str]], pillow: str) -> None:
+        self._write("INSERT OR REPLACE INTO unusable (hash, model_id, reason, pillow) VALUES (?, ?, ?, ?)",
+                    [(h, model_id, reason, pillow) for h, reason in items])
 
     def embedding_count(self, model_id: int | None = None) -> int:
         if model_id is None:

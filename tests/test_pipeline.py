@@ -130,6 +130,50 @@ def test_duplicates_are_embedded_once_and_bad_files_skipped(tmp_path, clip_path)
     assert "img/s" in summary
 
 
+def test_unusable_contents_are_remembered_so_a_rerun_needs_no_model(tmp_path, clip_path, monkeypatch):
+    import dataclasses
+
+    from helpers import colour_image
+
+    import headmaster.pipeline as pipeline
+    from headmaster.errors import HeadmasterError
+
+    good = colour_image(tmp_path / "good.png", "red", 1)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with Store(tmp_path / "db") as store:
+        model = add_model(store, "tiny", str(clip_path), 24)
+        first = embed_paths(store, model, [good, broken], device="cpu", progress=False)
+        assert first.embedded == 1 and [s.path for s in first.skipped] == [broken]
+        # the same model id, but a folder that cannot load: any attempt to load it raises
+        unloadable = dataclasses.replace(model, path=str(tmp_path / "gone"))
+        again = tmp_path / "again.jpg"  # the same bad content under a new name: hashed now, still skipped
+        again.write_bytes(broken.read_bytes())
+        second = embed_paths(store, unloadable, [good, broken, again], device="cpu", progress=False)
+        assert (second.embedded, second.cached) == (0, 1)
+        assert {s.path: s.reason for s in second.skipped} == {broken: first.skipped[0].reason,
+                                                               again: first.skipped[0].reason}
+        # another model has not tried it; another Pillow may decode it: both try again
+        other = store.add_model("other", str(tmp_path / "gone"), 24)
+        with pytest.raises(HeadmasterError):
+            embed_paths(store, other, [broken], device="cpu", progress=False)
+        monkeypatch.setattr(pipeline, "PILLOW_VERSION", "0.0-test")
+        with pytest.raises(HeadmasterError):
+            embed_paths(store, unloadable, [broken], device="cpu", progress=False)
+
+
+def test_a_file_that_cannot_be_read_now_is_not_called_unusable(tmp_path):
+    from headmaster.images import ImageError, ImageUnavailable
+
+    with pytest.raises(ImageUnavailable, match="file vanished"):
+        load_image(tmp_path / "missing.jpg")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(ImageError, match="empty file") as info:
+        load_image(empty)
+    assert not isinstance(info.value, ImageUnavailable)  # this one is about the content: remembered
+
+
 def test_progress_bar_shows_rate_and_time_left(tmp_path, clip_path, capsys):
     from helpers import fill_bucket
 
