@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
          f"first batch of {t['first_batch_images']} took {t['first_batch_seconds']:.2f}s (pipeline fill, cold "
          f"process); c/a after it: {c_steady / a_rate:.2f}"),
         ("(c) hm start-up", f"{c.startup:.2f} s", "interpreter, imports, workspace"),
-        ("(c) model load", f"{c.timings['load_seconds']:.2f} s", "from_pretrained + probe"),
+        ("(c) model load", f"{c.timings['load_seconds']:.2f} s", "importing the model's transformers code (most of it), from_pretrained, probe"),
         ("(c) hm embed, wall", f"{c.wall:.2f} s", f"{args.images / c.wall:.2f} img/s end to end"),
         ("(d) c/a", f"{c_rate / a_rate:.2f}",
          f"target >= 0.85; bound from stage costs on {cpu_cores()} cores: {bound:.2f}"),
