@@ -106,7 +106,7 @@ def user_errors(fn: Callable) -> Callable:
 def embed_options(fn: Callable) -> Callable:
     """--device, --batch-size, --workers: shared by every command that embeds."""
     fn = click.option("--workers", type=click.IntRange(min=1), default=None,
-                      help="Decode threads (default: one per core, at most 8).")(fn)
+                      help="Decode threads (default: one per core; at most 8 on CPU).")(fn)
     fn = click.option("--batch-size", type=click.IntRange(min=1), default=None,
                       help="Images per forward pass (default: 16 on CPU, 64 on GPU).")(fn)
     fn = click.option("--device", default=None, metavar="DEVICE",

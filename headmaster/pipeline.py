@@ -24,7 +24,7 @@ from PIL import ImageOps
 from PIL import __version__ as PILLOW_VERSION
 from tqdm import tqdm
 
-from headmaster.cores import CoreShare
+from headmaster.cores import CoreShare, cpu_cores
 from headmaster.embedders import Embedder, get_embedder, pick_device
 from headmaster.heap import keep_freed_memory, release_freed_memory
 from headmaster.images import ImageError, ImageUnavailable, file_sha256, load_image
@@ -101,8 +101,11 @@ def peak_rss_mib() -> float | None:
     return None
 
 
-def default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+def default_workers(device_type: str = "cpu") -> int:
+    """Decode threads: one per core, at most 8 on a CPU (the forward pass needs the cores too); every core
+    on a GPU, where decoding photos is the slow part and the forward pass needs almost no CPU."""
+    cores = cpu_cores()
+    return max(1, cores if device_type != "cpu" else min(8, cores))
 
 
 def default_batch_size(embedder: Embedder) -> int:
@@ -289,14 +292,14 @@ def embed_paths(
     """
     started = time.perf_counter()
     paths = list(dict.fromkeys(p if isinstance(p, Path) else Path(p) for p in paths))
-    workers = workers or default_workers()
+    device_type = embedder.device.type if embedder else pick_device(device).type
+    workers = workers or default_workers(device_type)
     result = EmbedResult(workers=workers)
     scan = scan_paths(store, paths, model.id, flip)
     result.skipped, result.hashed = list(scan.skipped), len(scan.to_read)
     cached = scan.cached
     hashes: dict[Path, str] = {}
     queued: set[str] = set()
-    device_type = embedder.device.type if embedder else pick_device(device).type
     gate = CoreShare(device_type == "cpu" and cpu_share != "off",
                      mode=None if cpu_share in ("auto", "off") else cpu_share)
 

@@ -304,3 +304,13 @@ def test_a_model_that_fails_to_load_leaves_no_threads_and_keeps_the_hashes(tmp_p
             embed_paths(store, model, files, device="cpu", progress=False)
         assert threading.active_count() == threads_before
         assert len(store.file_signatures(str(f) for f in files)) >= 1  # what was hashed and used is kept
+
+
+def test_default_workers_use_every_core_only_beside_a_gpu(monkeypatch):
+    import headmaster.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "cpu_cores", lambda: 16)
+    assert pipeline.default_workers("cpu") == 8  # the CPU forward pass needs the cores too
+    assert pipeline.default_workers("cuda") == 16 and pipeline.default_workers("mps") == 16
+    monkeypatch.setattr(pipeline, "cpu_cores", lambda: 1)
+    assert pipeline.default_workers("cpu") == 1 and pipeline.default_workers("cuda") == 1
