@@ -34,6 +34,12 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
+def memory_mib(pid: int) -> tuple[float, float]:
+    """(resident now, resident peak) of a process, MiB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--files", type=int, default=1000)
@@ -77,6 +83,7 @@ def main() -> None:
         time.sleep(args.idle_seconds)
         used = (cpu_ticks(proc.pid) - ticks) / os.sysconf("SC_CLK_TCK")
         print(f"idle CPU: {used:.2f}s over {args.idle_seconds:.0f}s")
+        rss_idle = memory_mib(proc.pid)[0]
         t1 = time.perf_counter()
         for p in burst:
             shutil.copy(p, ws / "heads/colour/red" / p.name)
@@ -89,6 +96,9 @@ def main() -> None:
         h = s["heads"]["colour"]
         print(f"burst of {args.files} files (copied in {copied:.2f}s): {h['retrains'] - 1} retrain(s), "
               f"idle and trained on {h['images']} images {done:.1f}s after the copy started")
+        rss_after, rss_peak = memory_mib(proc.pid)
+        print(f"memory: resident {rss_idle:.0f} MiB idle after start-up, {rss_after:.0f} MiB idle after the burst "
+              f"(peak {rss_peak:.0f} MiB)")
         proc.send_signal(signal.SIGTERM)
         t2 = time.perf_counter()
         code = proc.wait(timeout=15)
