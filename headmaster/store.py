@@ -99,7 +99,10 @@ def blob_to_vector(blob: bytes) -> np.ndarray:
     return np.frombuffer(blob, dtype="<f4").copy()
 
 
-def chunks(items: list, size: int = 500) -> Iterator[list]:
+IN_CHUNK = 900  # values per IN list: below SQLite's oldest parameter limit (999) with room for the others
+
+
+def chunks(items: list, size: int) -> Iterator[list]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
 
@@ -130,6 +133,11 @@ class Store:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _rows_in(self, sql: str, params: tuple, values: Iterable) -> Iterator[tuple]:
+        """Rows of `sql`, whose `{marks}` is an IN list, over `values` in chunks SQLite's parameter limit allows."""
+        for part in chunks(list(values), IN_CHUNK):
+            yield from self.conn.execute(sql.format(marks=",".join("?" * len(part))), (*params, *part))
 
     def _write(self, sql: str, rows: Iterable[tuple] | None = None) -> None:
         with self.conn:  # one short transaction
@@ -194,24 +202,12 @@ class Store:
     # -- embeddings -----------------------------------------------------------
     # flipped=True: the cache of horizontally flipped images (flip_embeddings), same keys and format.
     def cached_hashes(self, model_id: int, hashes: Iterable[str], flipped: bool = False) -> set[str]:
-        found: set[str] = set()
-        table = _vector_table(flipped)
-        for part in chunks(list(set(hashes))):
-            marks = ",".join("?" * len(part))
-            rows = self.conn.execute(
-                f"SELECT hash FROM {table} WHERE model_id = ? AND hash IN ({marks})", (model_id, *part))
-            found.update(r[0] for r in rows)
-        return found
+        sql = f"SELECT hash FROM {_vector_table(flipped)} WHERE model_id = ? AND hash IN ({{marks}})"
+        return {r[0] for r in self._rows_in(sql, (model_id,), set(hashes))}
 
     def vectors(self, model_id: int, hashes: Iterable[str], flipped: bool = False) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        table = _vector_table(flipped)
-        for part in chunks(list(set(hashes))):
-            marks = ",".join("?" * len(part))
-            rows = self.conn.execute(
-                f"SELECT hash, vector FROM {table} WHERE model_id = ? AND hash IN ({marks})", (model_id, *part))
-            out.update((h, blob_to_vector(v)) for h, v in rows)
-        return out
+        sql = f"SELECT hash, vector FROM {_vector_table(flipped)} WHERE model_id = ? AND hash IN ({{marks}})"
+        return {h: blob_to_vector(v) for h, v in self._rows_in(sql, (model_id,), set(hashes))}
 
     def put_vectors(self, model_id: int, items: Iterable[tuple[str, np.ndarray]], flipped: bool = False) -> None:
         self._write(f"INSERT OR REPLACE INTO {_vector_table(flipped)} (hash, model_id, vector) VALUES (?, ?, ?)",
@@ -219,14 +215,8 @@ class Store:
 
     def unusable(self, model_id: int, hashes: Iterable[str], pillow: str) -> dict[str, str]:
         """hash -> why `model_id` could not use that content, as found with this Pillow version."""
-        out: dict[str, str] = {}
-        for part in chunks(list(set(hashes))):
-            marks = ",".join("?" * len(part))
-            rows = self.conn.execute(
-                f"SELECT hash, reason FROM unusable WHERE model_id = ? AND pillow = ? AND hash IN ({marks})",
-                (model_id, pillow, *part))
-            out.update(rows)
-        return out
+        sql = "SELECT hash, reason FROM unusable WHERE model_id = ? AND pillow = ? AND hash IN ({marks})"
+        return dict(self._rows_in(sql, (model_id, pillow), set(hashes)))
 
     def put_unusable(self, model_id: int, items: Iterable[tuple[str, str]], pillow: str) -> None:
         self._write("INSERT OR REPLACE INTO unusable (hash, model_id, reason, pillow) VALUES (?, ?, ?, ?)",
@@ -239,13 +229,7 @@ class Store:
 
     # -- file index -----------------------------------------------------------
     def file_records(self, paths: Iterable[str]) -> dict[str, FileRecord]:
-        out: dict[str, FileRecord] = {}
-        for part in chunks(list(paths)):
-            marks = ",".join("?" * len(part))
-            rows = self.conn.execute(
-                f"SELECT path, size, mtime_ns, inode, hash FROM files WHERE path IN ({marks})", part)
-            out.update((r[0], FileRecord(*r)) for r in rows)
-        return out
+        return {path: FileRecord(path, *sig[:4]) for path, sig in self.file_signatures(paths).items()}
 
     def file_signatures(self, paths: Iterable[str], model_id: int | None = None, flipped: bool = False
                         ) -> dict[str, tuple[int, int, int, str, bool]]:
@@ -256,15 +240,8 @@ class Store:
         """
         cached = (f"EXISTS (SELECT 1 FROM {_vector_table(flipped)} e WHERE e.hash = f.hash AND e.model_id = ?)"
                   if model_id is not None else "0")
-        extra = () if model_id is None else (model_id,)
-        out: dict[str, tuple[int, int, int, str, bool]] = {}
-        for part in chunks(list(paths), 900):
-            marks = ",".join("?" * len(part))
-            rows = self.conn.execute(
-                f"SELECT path, size, mtime_ns, inode, hash, {cached} FROM files f WHERE path IN ({marks})",
-                (*extra, *part))
-            out.update((r[0], r[1:]) for r in rows)
-        return out
+        sql = f"SELECT path, size, mtime_ns, inode, hash, {cached} FROM files f WHERE path IN ({{marks}})"
+        return {r[0]: r[1:] for r in self._rows_in(sql, () if model_id is None else (model_id,), paths)}
 
     def files_under(self, prefix: str) -> list[FileRecord]:
         """Every indexed file whose path starts with `prefix` (a folder path with trailing /)."""
