@@ -83,6 +83,19 @@ def sort_files(ctx: Context, head: str, trained: TrainedHead, model: Model, path
     With `dry_run`, nothing moves and no sort is logged: each Placed names where the file would go.
     """
     result = SortResult()
+
+    def place(path: Path, bucket: str, hash_: str | None, score: float | None) -> Path | None:
+        """Move one file into dest_root/<bucket>/ and log it (where it would go, in a dry run); None if gone."""
+        if not os.path.lexists(path):
+            result.vanished += 1
+            return None
+        if dry_run:
+            return unique_path(dest_root / bucket, path.name)
+        target = move_into(path, dest_root / bucket)
+        ctx.store.log_sort(head, str(path), str(target), hash_, bucket, score)
+        _reindex(ctx.store, path, target, hash_)
+        return target
+
     for start in range(0, len(paths), CHUNK):
         if should_stop():
             break
@@ -91,31 +104,15 @@ def sort_files(ctx: Context, head: str, trained: TrainedHead, model: Model, path
         for d in decisions:
             if should_stop():
                 return result
-            if not os.path.lexists(d.path):
-                result.vanished += 1
-                continue
-            if dry_run:
-                target = unique_path(dest_root / d.bucket, d.path.name)
-            else:
-                target = move_into(d.path, dest_root / d.bucket)
-                ctx.store.log_sort(head, str(d.path), str(target), d.hash, d.bucket, d.score)
-                _reindex(ctx.store, d.path, target, d.hash)
-            result.placed.append(Placed(d.path, target, d.bucket, d.score))
-            on_placed(result.placed[-1])
+            if (target := place(d.path, d.bucket, d.hash, d.score)) is not None:
+                result.placed.append(Placed(d.path, target, d.bucket, d.score))
+                on_placed(result.placed[-1])
         for s in embedded.skipped:
             if should_stop():
                 return result
-            if not os.path.lexists(s.path):
-                result.vanished += 1
-                continue
-            if dry_run:
-                target = unique_path(dest_root / REJECTED, s.path.name)
-            else:
-                target = move_into(s.path, dest_root / REJECTED)
-                ctx.store.log_sort(head, str(s.path), str(target), None, REJECTED, None)
-                ctx.store.forget_files([str(s.path)])
-            result.rejected.append(Placed(s.path, target, REJECTED, None, s.reason))
-            on_placed(result.rejected[-1])
+            if (target := place(s.path, REJECTED, None, None)) is not None:
+                result.rejected.append(Placed(s.path, target, REJECTED, None, s.reason))
+                on_placed(result.rejected[-1])
     return result
 
 
