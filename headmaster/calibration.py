@@ -185,6 +185,16 @@ def _fmt(v: float) -> str:
     return "   —" if v != v else f"{v:.3f}"  # nan: nothing decided
 
 
+def _mark(value: float, chosen: float | None, current: float) -> str:
+    """'*' on the chosen row, '<' on the checkpoint's current setting, else a space."""
+    return "*" if chosen is not None and value == chosen else "<" if round(value, 2) == round(current, 2) else " "
+
+
+def _legend(cal: Calibration, what: str, extra: str = "") -> str:
+    return (f"(< the checkpoint's {what} before, {cal.current:.2f}{extra}"
+            + ("; * the chosen one)" if cal.chosen is not None else ")"))
+
+
 def format_calibration(cal: Calibration) -> str:
     o = cal.oof
     lines = [f"Head {o.head} ({'binary' if cal.binary else 'multiclass'} {o.kind}, model {o.model})",
@@ -199,12 +209,10 @@ def format_calibration(cal: Calibration) -> str:
         for r in cal.rows:
             if round(r.threshold, 2) not in shown:
                 continue
-            mark = "*" if cal.chosen is not None and r.threshold == cal.chosen.threshold else \
-                "<" if round(r.threshold, 2) == round(cal.current, 2) else " "
+            mark = _mark(r.threshold, cal.chosen.threshold if cal.chosen is not None else None, cal.current)
             lines.append(f"{mark} {r.threshold:>9.2f}  {r.precision:>9.3f}  {r.recall:>6.3f}  {r.f1:>5.3f}  "
                          f"{r.positive:>8.3f}  {r.uncertain:>9.3f}")
-        lines.append(f"(< the checkpoint's threshold before, {cal.current:.2f}"
-                     + ("; * the chosen one)" if cal.chosen is not None else ")"))
+        lines.append(_legend(cal, "threshold"))
         if cal.chosen is not None:
             c = cal.chosen
             lines.append(f"Chosen threshold {c.threshold:.2f} for {cal.goal}: out-of-fold precision {c.precision:.3f}, "
@@ -222,11 +230,9 @@ def format_calibration(cal: Calibration) -> str:
         if cal.chosen is not None and all(r.cut != cal.chosen.cut for r in rows):
             rows = sorted(rows + [cal.chosen], key=lambda r: r.cut)
         for r in rows:
-            mark = "*" if cal.chosen is not None and r.cut == cal.chosen.cut else \
-                "<" if round(r.cut, 2) == round(cal.current, 2) else " "
+            mark = _mark(r.cut, cal.chosen.cut if cal.chosen is not None else None, cal.current)
             lines.append(f"{mark} {r.cut:>14.2f}  {r.uncertain:>9.3f}  {_fmt(r.accuracy):>8}  {r.decided:>7}")
-        lines.append(f"(< the checkpoint's cut before, {cal.current:.2f}; default {MULTICLASS_MIN_CONFIDENCE:g}"
-                     + ("; * the chosen one)" if cal.chosen is not None else ")"))
+        lines.append(_legend(cal, "cut", f"; default {MULTICLASS_MIN_CONFIDENCE:g}"))
         if cal.chosen is not None:
             c = cal.chosen
             lines.append(f"Stored minimum confidence {c.cut:.2f} in {cal.stored}: {100 * c.uncertain:.1f}% uncertain, "
