@@ -16,7 +16,6 @@ import click
 from headmaster import checkpoints, registry
 from headmaster.context import Context, EmbedOptions
 from headmaster.errors import HeadmasterError
-from headmaster.labels import import_labels as import_labels_fn, read_label_csv
 from headmaster.output import FORMATS, write_rows
 from headmaster.workspace import Workspace, shown_path
 
@@ -74,7 +73,8 @@ prediction_rows = lazy("headmaster.sorting", "prediction_rows")
 predict_heads = lazy("headmaster.sorting", "predict_heads")
 source_images = lazy("headmaster.sorting", "source_images")
 embed_heads = lazy("headmaster.training", "embed_heads")
-head_names = lazy("headmaster.training", "head_names")
+import_labels_fn = lazy("headmaster.labels", "import_labels")
+read_label_csv = lazy("headmaster.labels", "read_label_csv")
 train_one = lazy("headmaster.training", "train_one")
 
 
@@ -115,7 +115,22 @@ def embed_options(fn: Callable) -> Callable:
 
 
 def _context(obj: dict, device=None, batch_size=None, workers=None) -> Context:
-    return Context.open(obj.get("workspace"), EmbedOptions(device, batch_size, workers, obj.get("progress")))
+    return Context.open(obj.get("workspace"), EmbedOptions(device, batch_size, workers, obj.get("progress")),
+                        notify=_note)
+
+
+def _note(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _early_checks(obj: dict, existing: tuple[str, ...] = (), trained: tuple[str, ...] = ()) -> None:
+    """Refuse an unknown or untrained head from the file system alone, before torch loads (well under a
+    second instead of several); the library checks the same again."""
+    ws = Workspace.from_env(obj.get("workspace"))
+    for head in existing:
+        ws.head(head)
+    for head in trained:
+        ws.trained_checkpoint(head)
 
 
 def _print_skipped(skipped: list[Skipped], root: Path) -> None:
@@ -140,16 +155,77 @@ def cli(ctx: click.Context, workspace: str | None, progress: bool | None) -> Non
     ctx.obj = {"workspace": workspace, "progress": progress}
 
 
+# -- first run ------------------------------------------------------------------
+
+@cli.command()
+@click.argument("directory", metavar="[DIR]", required=False, default="headmaster-demo",
+                type=click.Path(file_okay=False))
+@embed_options
+@click.pass_obj
+@user_errors
+def demo(obj, directory: str, device, batch_size, workers) -> None:
+    """Try the main job on sample photos, offline, in about a minute.
+
+    Lays out a workspace in DIR (default ./headmaster-demo; new, empty, or an
+    earlier demo): a head of 4 clothing classes from real photos, and held-back
+    photos of the same classes in DIR/unsorted/. Trains the head with the
+    built-in backbone (unless DIR has another model registered), copies the
+    held-back photos into DIR/classified/clothing/<class>/ or uncertain/, and
+    reports how many went to their own class.
+    """
+    from headmaster.demo import lay_out, run_demo
+
+    layout = lay_out(Path(directory))
+    root = _shown(layout.root)
+    shown_train = ", ".join(f"{k} {v}" for k, v in layout.train.items())
+    click.echo(("Reusing the demo workspace " if layout.reused else "Laid out a demo workspace in ") + root
+               + f": head clothing ({shown_train} photos), {len(layout.truth)} held-back photos in {root}/unsorted")
+    options = EmbedOptions(device, batch_size, workers, obj.get("progress"))
+    with Context.open(str(layout.root), options, notify=_note) as c:
+        report = run_demo(c, layout)
+        _print_trained(report.train, c)
+    _print_demo(report, root)
+
+
+def _print_demo(report, root: str) -> None:
+    sorted_ = report.sorted
+    counts = sorted_.counts()
+    summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    verb = "Decided again (copies from the earlier run kept)" if sorted_.dry_run else "Sorted copies of"
+    click.echo(f"{verb} {len(sorted_.decisions)} held-back photos into {_shown(sorted_.dest)}: {summary}")
+    right, total = sum(report.correct.values()), sum(report.total.values())
+    per_class = ", ".join(f"{c} {report.correct[c]}/{report.total[c]}" for c in report.total)
+    click.echo(f"Accuracy on the held-back photos: {report.accuracy:.2f} ({right} of {total} in their own class: "
+               f"{per_class})")
+    for m in report.mistakes:
+        click.echo(f"  {m.path.name}: a {m.truth}, went to {m.bucket}/ ({m.score:.2f})")
+    click.echo(f"Done in {report.seconds:.0f}s.\n")
+    click.echo("Next:")
+    click.echo(f"  ls {root}/classified/clothing/*            # the sorted copies (unsorted/ keeps the originals)")
+    click.echo(f"  uv run hm -w {root} status --head clothing")
+    click.echo(f"  HEADMASTER_WORKSPACE={root} uv run hmd     # the daemon: drop photos into {root}/inbox/clothing/")
+    click.echo("  then open http://127.0.0.1:7878           # the review page, served by hmd "
+               f"(or `uv run hm -w {root} serve`)")
+    click.echo(f"  mkdir -p {root}/heads/mine/{{yes,no}}     # your own head: 20+ photos per bucket, then")
+    click.echo(f"  uv run hm -w {root} train --head mine")
+
+
 # -- models ---------------------------------------------------------------------
 
 @cli.command("model-add")
 @click.option("--name", required=True, help="Your alias for the model, e.g. clip-vit-l.")
 @click.option("--path", "path", required=True, help="Hugging Face id (openai/clip-vit-large-patch14) or a local folder.")
-@click.option("--dim", required=True, type=int, help="Embedding size the model produces, e.g. 768.")
+@click.option("--dim", type=int, default=None,
+              help="Embedding size the model produces, e.g. 768 (default: learned by embedding one blank image; "
+                   "when given, it is checked the same way).")
 @click.pass_obj
 @user_errors
-def model_add(obj, name: str, path: str, dim: int) -> None:
-    """Register an embedding model."""
+def model_add(obj, name: str, path: str, dim: int | None) -> None:
+    """Register an embedding model (loads it once to learn or check its vector size).
+
+    Without any registered model, commands use the built-in EfficientNet-Lite0
+    backbone, registered as `default` on first use.
+    """
     with _context(obj) as c:
         model = registry.add_model(c.store, name, path, dim)
     click.echo(f"Added model {model.name} ({model.path}, dim {model.embed_dim})"
@@ -201,6 +277,7 @@ def embed(obj, head, device, batch_size, workers) -> None:
         importlib.import_module("headmaster.training")  # imports are start-up, not the command's work
     started = time.perf_counter()
     with _context(obj, device, batch_size, workers) as c:
+        c.workspace.heads_to_use(head)  # before torch loads
         report = embed_heads(c, head)
         _print_skipped(report.result.skipped, c.workspace.root)
         for conflict in report.conflicts:
@@ -232,12 +309,13 @@ def embed(obj, head, device, batch_size, workers) -> None:
 @user_errors
 def train(obj, head, threshold, epochs, lr, seed, kind, device, batch_size, workers) -> None:
     """Embed, then train heads and write out/<head>.pt."""
-    config = TrainConfig(epochs=epochs, lr=lr, seed=seed, threshold=threshold, kind=kind)
     failed = 0
     with _context(obj, device, batch_size, workers) as c:
-        names = head_names(c, head)
+        names = c.workspace.heads_to_use(head)
         for name in names:
             try:
+                c.workspace.head(name).check()  # a bad head is refused before torch loads
+                config = TrainConfig(epochs=epochs, lr=lr, seed=seed, threshold=threshold, kind=kind)
                 r = train_one(c, name, config)
             except HeadmasterError as e:
                 if head is not None:
@@ -245,24 +323,27 @@ def train(obj, head, threshold, epochs, lr, seed, kind, device, batch_size, work
                 _err(str(e))
                 failed += 1
                 continue
-            _print_skipped(r.skipped, c.workspace.root)
-            for conflict in r.conflicts:
-                _warn("label conflict: " + conflict.describe(c.workspace.heads_dir))
-            for w in r.warnings:
-                _warn(w)
-            m = r.metrics
-            if r.head_type == "binary":
-                score = f"accuracy {m['accuracy']:.2f}, F1 {m['f1']:.2f}, threshold {r.threshold:.2f}"
-            else:
-                macro = sum(v["f1"] for v in m["per_class"].values()) / len(m["per_class"])
-                score = f"accuracy {m['accuracy']:.2f}, macro F1 {macro:.2f}"
-            where = os.path.relpath(r.checkpoint_path) if not str(os.path.relpath(r.checkpoint_path)).startswith("..") \
-                else str(r.checkpoint_path)
-            shown_type = r.head_type + (" prototype" if r.kind == "prototype" else "")
-            click.echo(f"Trained {name} ({shown_type}, {len(r.classes)} classes, {r.images} images: "
-                       f"{r.train_count} train / {r.val_count} validation): {score} -> {where}")
+            _print_trained(r, c)
     if failed:
         sys.exit(1)
+
+
+def _print_trained(r, c: Context) -> None:
+    """The warnings and the one summary line of a trained head (hm train, hm demo)."""
+    _print_skipped(r.skipped, c.workspace.root)
+    for conflict in r.conflicts:
+        _warn("label conflict: " + conflict.describe(c.workspace.heads_dir))
+    for w in r.warnings:
+        _warn(w)
+    m = r.metrics
+    if r.head_type == "binary":
+        score = f"accuracy {m['accuracy']:.2f}, F1 {m['f1']:.2f}, threshold {r.threshold:.2f}"
+    else:
+        macro = sum(v["f1"] for v in m["per_class"].values()) / len(m["per_class"])
+        score = f"accuracy {m['accuracy']:.2f}, macro F1 {macro:.2f}"
+    shown_type = r.head_type + (" prototype" if r.kind == "prototype" else "")
+    click.echo(f"Trained {r.head} ({shown_type}, {len(r.classes)} classes, {r.images} images: "
+               f"{r.train_count} train / {r.val_count} validation): {score} -> {_shown(r.checkpoint_path)}")
 
 
 # -- inspect ----------------------------------------------------------------------
@@ -323,6 +404,7 @@ def classify(obj, head, heads, src, dest, fmt, output, sidecar, overwrite, tta, 
     scores instead. With --sidecar: write the prediction beside each image instead.
     """
     names = _head_list(head, heads)
+    _early_checks(obj, trained=tuple(names))
     rows_mode = heads is not None or fmt is not None or output is not None
     if sidecar and (fmt or output):
         raise HeadmasterError("--sidecar writes files beside the images; it cannot be combined with --format/--output")
@@ -415,6 +497,7 @@ def _classify_sidecars(c: Context, names: list[str], src: Path, kind: str, overw
 @user_errors
 def confusion_matrix_cmd(obj, head, test_dir, extended, plot, device, batch_size, workers) -> None:
     """Evaluate a trained head on a labelled test set."""
+    _early_checks(obj, trained=(head,))
     with _context(obj, device, batch_size, workers) as c:
         result = confusion_matrix(c, head, Path(test_dir) if test_dir else None)
         _print_skipped(result.skipped, c.workspace.root)
@@ -468,6 +551,7 @@ def clean(obj, head) -> None:
 @user_errors
 def evaluate(obj, head, repeats, test_size, kind, seed, plot, device, batch_size, workers) -> None:
     """Mean test accuracy with a 95% interval over repeated random splits of a head's images."""
+    _early_checks(obj, existing=(head,))
     with _context(obj, device, batch_size, workers) as c:
         ev = evaluate_head(c, head, parse_kinds(kind), repeats, test_size, seed)
         _print_skipped(ev.skipped, c.workspace.root)
@@ -498,6 +582,7 @@ def evaluate(obj, head, repeats, test_size, kind, seed, plot, device, batch_size
 def calibrate(obj, head, target_precision, target_recall, best_f1, min_confidence, repeats, test_size, seed, plot,
               device, batch_size, workers) -> None:
     """Show the threshold trade-off from out-of-fold scores; store a chosen threshold or cut in the checkpoint."""
+    _early_checks(obj, trained=(head,))
     with _context(obj, device, batch_size, workers) as c:
         cal = calibrate_head(c, head, target_precision, target_recall, best_f1, min_confidence, repeats, test_size,
                              seed)
@@ -522,6 +607,7 @@ def calibrate(obj, head, target_precision, target_recall, best_f1, min_confidenc
 def compare_models_cmd(obj, head, models, kind, repeats, test_size, seed, device, batch_size, workers) -> None:
     """Embed the head with every registered model and rank them: accuracy ± interval, ms/image, size."""
     names = [n.strip() for n in models.split(",") if n.strip()] if models else None
+    _early_checks(obj, existing=(head,))
     with _context(obj, device, batch_size, workers) as c:
         result = compare_models(c, head, names, kind, repeats, test_size, seed)
         _print_skipped(result.skipped, c.workspace.root)
@@ -550,6 +636,7 @@ def format_option(fn: Callable) -> Callable:
 @user_errors
 def rank(obj, head, src, bucket, limit, reverse, tta, fmt, device, batch_size, workers) -> None:
     """List the images of SRC by the probability of one bucket, most likely first (copies nothing)."""
+    _early_checks(obj, trained=(head,))
     with _context(obj, device, batch_size, workers) as c:
         report = rank_folder(c, head, Path(src), bucket, limit, reverse, tta)
         _print_skipped(report.skipped, Path(src))
@@ -577,6 +664,7 @@ def suspects(obj, head, limit, folds, epochs, seed, fmt, device, batch_size, wor
     lowest probability for the image's own bucket comes first, with the bucket
     that head prefers. The head's checkpoint is not changed.
     """
+    _early_checks(obj, existing=(head,))
     with _context(obj, device, batch_size, workers) as c:
         report = find_suspects(c, head, folds, TrainConfig(epochs=epochs, seed=seed), limit)
         _print_skipped(report.skipped, c.workspace.root)

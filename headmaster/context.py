@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
-from headmaster.store import Store
+from headmaster.store import Model, Store
 from headmaster.workspace import Workspace
 
 
@@ -21,11 +22,19 @@ class Context:
     workspace: Workspace
     store: Store
     options: EmbedOptions
+    notify: Callable[[str], None] | None = None  # one-off notices (the built-in model being prepared)
 
     @classmethod
-    def open(cls, workspace: str | None = None, options: EmbedOptions | None = None) -> "Context":
+    def open(cls, workspace: str | None = None, options: EmbedOptions | None = None,
+             notify: Callable[[str], None] | None = None) -> "Context":
         ws = Workspace.from_env(workspace)
-        return cls(ws, Store(ws.db_path), options or EmbedOptions())
+        return cls(ws, Store(ws.db_path), options or EmbedOptions(), notify)
+
+    def active_model(self) -> Model:
+        """The model to embed with; the built-in one when none is registered (registry.model_in_use)."""
+        from headmaster.registry import model_in_use
+
+        return model_in_use(self.store, self.notify)
 
     def close(self) -> None:
         self.store.close()

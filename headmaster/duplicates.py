@@ -142,7 +142,7 @@ def find_near_duplicates(ctx: Context, head: str, threshold: float = 0.98, same_
     """
     if not -1.0 <= threshold <= 1.0:
         raise HeadmasterError(f"--threshold must be between -1 and 1, got {threshold}")
-    model = ctx.store.active_model()
+    model = ctx.active_model()
     entries = labelled_entries(ctx.workspace, head, test_dir)
     result = embed_for(ctx, model, [e.path for e in entries], f"Embedding {head}")
     vectors = vectors_for(ctx.store, model, result.hashes)

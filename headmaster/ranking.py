@@ -103,7 +103,7 @@ def find_suspects(ctx: Context, head: str, folds: int = 5, config: TrainConfig =
     """
     if folds < 2:
         raise HeadmasterError("--folds must be at least 2")
-    model = ctx.store.active_model()
+    model = ctx.active_model()
     labelled = ctx.workspace.head(head)
     warnings = labelled.check()
     items = labelled.labelled_images()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from typing import Callable
+
 from headmaster.errors import HeadmasterError
 from headmaster.store import Model, Store
 
@@ -17,9 +19,35 @@ def normalise_model_path(path: str) -> str:
     return path
 
 
-def add_model(store: Store, name: str, path: str, dim: int) -> Model:
-    """Register a model; the first one registered becomes the active one."""
-    return store.add_model(name, normalise_model_path(path), dim)
+def add_model(store: Store, name: str, path: str, dim: int | None = None) -> Model:
+    """Register a model; the first one registered becomes the active one.
+
+    The model is loaded once and embeds one blank image: its vector size is learned when `dim` is None and
+    checked when given, so a wrong --dim or an unloadable model is refused here, not at the first embed.
+    """
+    if any(m.name == name for m in store.models()):
+        raise HeadmasterError(f"model '{name}' is already registered")
+    path = normalise_model_path(path)
+    found = probe_dim(name, path)
+    if dim is not None and dim != found:
+        raise HeadmasterError(f"model '{name}' produces {found}-dimensional vectors, not --dim {dim}: "
+                              f"give --dim {found} or leave --dim out")
+    return store.add_model(name, path, found)
+
+
+def probe_dim(name: str, path: str) -> int:
+    """The vector size of a model: load it (on the CPU) and embed one blank image."""
+    from headmaster.embedders import load_embedder
+
+    return load_embedder(name, path, None, "cpu").dim
+
+
+def model_in_use(store: Store, notify: Callable[[str], None] | None = None) -> Model:
+    """The model every command embeds with: the active one. With no model registered at all, the built-in
+    backbone, registered as `default` on the spot; a user who registered a model first never gets it."""
+    from headmaster.builtin import ensure_default_model
+
+    return ensure_default_model(store, notify)
 
 
 def activate_model(store: Store, name: str) -> Model:

@@ -318,7 +318,7 @@ class HeadVectors:
 
 def head_vectors(ctx: Context, head: str, model: Model | None = None, label: str | None = None) -> HeadVectors:
     """The head's labelled images as vectors of `model` (default: the active one); embeds what is missing."""
-    model = model or ctx.store.active_model()
+    model = model or ctx.active_model()
     labelled = ctx.workspace.head(head)
     images = labelled.labelled_images()
     result = embed_for(ctx, model, [p for p, _ in images], label or f"Embedding {head}")

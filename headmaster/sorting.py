@@ -44,11 +44,8 @@ class ClassifyReport:
 
 def load_trained(ctx: Context, head: str) -> tuple[TrainedHead, Model]:
     """The head's checkpoint and the registered model it needs; errors if it cannot be used now."""
-    path = ctx.workspace.checkpoint_path(head)
-    if not path.exists():
-        raise HeadmasterError(f"head '{head}' is not trained yet (no {path}): run `hm train --head {head}`")
-    trained = load_head(path)
-    model = ctx.store.active_model()
+    trained = load_head(ctx.workspace.trained_checkpoint(head))
+    model = ctx.active_model()
     if trained.model_name != model.name:
         raise HeadmasterError(f"head '{head}' was trained with model '{trained.model_name}' but the active model is "
                               f"'{model.name}': run `hm model-activate --name {trained.model_name}` or retrain")

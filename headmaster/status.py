@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from headmaster.errors import HeadmasterError
-from headmaster.heads import read_checkpoint
 from headmaster.workspace import LabelledSet, Workspace
 
 
@@ -58,6 +57,8 @@ def head_status(ws: Workspace, name: str) -> HeadStatus:
     path = ws.checkpoint_path(name)
     checkpoint = None
     if path.exists():
+        from headmaster.heads import read_checkpoint  # torch: only once there is a checkpoint to read
+
         try:
             checkpoint = read_checkpoint(path)
         except HeadmasterError as e:

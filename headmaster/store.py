@@ -10,11 +10,12 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
-
-import numpy as np
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from headmaster.errors import HeadmasterError
+
+if TYPE_CHECKING:  # numpy loads with the first vector: `hm --help` and friends do not pay for it
+    import numpy as np
 
 BUSY_TIMEOUT_MS = 30_000
 
@@ -92,10 +93,14 @@ class FileRecord:
 
 
 def vector_to_blob(vector: np.ndarray) -> bytes:
+    import numpy as np
+
     return np.ascontiguousarray(vector, dtype="<f4").tobytes()
 
 
 def blob_to_vector(blob: bytes) -> np.ndarray:
+    import numpy as np
+
     return np.frombuffer(blob, dtype="<f4").copy()
 
 

@@ -81,21 +81,14 @@ def find_conflicts(labelled: LabelledSet, hashes: dict[Path, str]) -> list[Label
 
 
 def head_names(ctx: Context, head: str | None) -> list[str]:
-    if head is not None:
-        ctx.workspace.head(head)  # raises for an unknown head
-        return [head]
-    names = ctx.workspace.head_names()
-    if not names:
-        raise HeadmasterError(f"no heads in {ctx.workspace.heads_dir}: make one with mkdir -p "
-                              f"{ctx.workspace.heads_dir}/NAME/{{positive,negative}} and add images")
-    return names
+    return ctx.workspace.heads_to_use(head)
 
 
 def embed_heads(ctx: Context, head: str | None = None, label: str = "Embedding") -> EmbedReport:
     """Embed every image of one head, or of all heads, with the active model."""
-    model = ctx.store.active_model()
-    names = head_names(ctx, head)
+    names = head_names(ctx, head)  # workspace mistakes first: they need no model
     sets = [ctx.workspace.head(n) for n in names]
+    model = ctx.active_model()
     paths = [p for s in sets for p, _ in s.labelled_images()]
     result = embed_for(ctx, model, paths, label)
     report = EmbedReport(model, result, names, ignored=sum(s.ignored for s in sets))
@@ -120,9 +113,9 @@ def current_kind(ctx: Context, head: str) -> str:
 
 def train_one(ctx: Context, head: str, config: TrainConfig = TrainConfig()) -> TrainReport:
     """Embed what is missing, train the head and write out/<head>.pt (atomically)."""
-    model = ctx.store.active_model()
     labelled = ctx.workspace.head(head)
-    warnings = labelled.check()
+    warnings = labelled.check()  # workspace mistakes first: they need no model
+    model = ctx.active_model()
     result = embed_for(ctx, model, [p for p, _ in labelled.labelled_images()], f"Embedding {head}")
     vectors = vectors_for(ctx.store, model, result.hashes)
     classes = labelled.classes

@@ -65,6 +65,26 @@ class Workspace:
     def checkpoint_path(self, head: str) -> Path:
         return self.out_dir / f"{head}.pt"
 
+    def trained_checkpoint(self, head: str) -> Path:
+        """out/<head>.pt, or the error a user sees for a head not trained yet."""
+        path = self.checkpoint_path(head)
+        if not path.exists():
+            raise HeadmasterError(f"head '{head}' is not trained yet (no {path}): run `hm train --head {head}`")
+        return path
+
+    def heads_to_use(self, head: str | None) -> list[str]:
+        """[head] if it exists, else every head; an unknown head or no heads at all is an error. Pure file
+        system work, so commands answer a mistake before any model or torch loads."""
+        if head is not None:
+            self.head(head)  # raises for an unknown head
+            return [head]
+        names = self.head_names()
+        if not names:
+            raise HeadmasterError(f"no heads in {self.heads_dir}: make one with mkdir -p "
+                                  f"{self.heads_dir}/NAME/{{positive,negative}} and add images "
+                                  f"(or try `hm demo` first)")
+        return names
+
     def head_names(self) -> list[str]:
         """Every visible folder under heads/, sorted."""
         if not self.heads_dir.is_dir():

@@ -16,6 +16,24 @@ from headmaster.context import Context, EmbedOptions  # noqa: E402
 from headmaster.registry import add_model  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def builtin_cache(tmp_path_factory) -> Path:
+    """The built-in backbone is converted into a temporary cache, never the user's (subprocesses inherit it)."""
+    from headmaster.builtin import CACHE_ENV
+
+    path = tmp_path_factory.mktemp("hm-cache")
+    os.environ[CACHE_ENV] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def builtin_model(builtin_cache) -> Path:
+    """The built-in backbone, converted and checked once per session."""
+    from headmaster.builtin import ensure_builtin_model
+
+    return ensure_builtin_model()
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")

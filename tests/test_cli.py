@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from helpers import colour_image, fill_bucket, run_hm
 
 from headmaster.cli import cli
+from headmaster.store import Store
 
 
 @pytest.fixture
@@ -161,6 +162,12 @@ def test_identical_files_across_heads_embedded_once(hm, workspace, clip_path):
     assert conn.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0] == 6
 
 
+def test_model_add_learns_the_vector_size(hm, dinov2_path):
+    out = hm("model-add", "--name", "d", "--path", str(dinov2_path)).output
+    assert "Added model d" in out and "dim 32" in out
+    assert re.search(r"^\* d\s+32\s+0\s", hm("model-list").output, re.M)
+
+
 def test_relative_model_folder_is_stored_normalised(hm, clip_path, monkeypatch):
     monkeypatch.chdir(clip_path.parent)
     hm("model-add", "--name", "rel", "--path", f"../{clip_path.parent.name}/{clip_path.name}", "--dim", "24")
@@ -168,15 +175,18 @@ def test_relative_model_folder_is_stored_normalised(hm, clip_path, monkeypatch):
 
 
 def test_user_errors_are_one_line(hm, workspace, clip_path, tmp_path):
-    _one_error_line(hm("embed", ok=False), "no model registered")
+    _one_error_line(hm("embed", ok=False), "no heads in .*try `hm demo` first")
     _one_error_line(hm("model-add", "--name", "x", "--path", str(tmp_path / "missing"), "--dim", "3", ok=False),
                     "model folder not found")
-    hm("model-add", "--name", "wrong", "--path", str(clip_path), "--dim", "512")
+    _one_error_line(hm("model-add", "--name", "wrong", "--path", str(clip_path), "--dim", "512", ok=False),
+                    "produces 24-dimensional vectors, not --dim 512: give --dim 24 or leave --dim out")
+    _one_error_line(hm("model-add", "--name", "hub", "--path", "nobody/no-such-model", "--dim", "8", ok=False),
+                    "cannot load model 'hub'")
+    assert "No models registered" in hm("model-list").output  # refused models are not registered
+    with Store(workspace / "headmaster.db") as store:  # registered right, then the folder changed under it
+        store.add_model("wrong", str(clip_path), 512)
     fill_bucket(workspace / "heads" / "solo" / "only", "red", 2)
     _one_error_line(hm("embed", ok=False), "produces 24-dimensional vectors but was registered with --dim 512")
-    hm("model-add", "--name", "hub", "--path", "nobody/no-such-model", "--dim", "8")
-    hm("model-activate", "--name", "hub")
-    _one_error_line(hm("embed", ok=False), "cannot load model 'hub'")
     hm("model-add", "--name", "ok", "--path", str(clip_path), "--dim", "24")
     hm("model-activate", "--name", "ok")
     _one_error_line(hm("train", "--head", "nope", ok=False), "unknown head 'nope'")

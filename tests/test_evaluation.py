@@ -264,7 +264,7 @@ def test_compare_models_reports_a_model_that_cannot_load(clip_ctx, colour_head, 
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text("{}")
-    add_model(clip_ctx.store, "broken", str(broken), 24)
+    clip_ctx.store.add_model("broken", str(broken), 24)  # registered, then its folder broke
     result = compare_models(clip_ctx, "colour", kind="prototype", repeats=2)
     assert [s.model.name for s in result.scores] == ["tiny-clip"]
     assert "broken" in result.failed and "Not measured: broken: cannot load model" in format_comparison(result)

@@ -299,7 +299,7 @@ def test_a_model_that_fails_to_load_leaves_no_threads_and_keeps_the_hashes(tmp_p
     not_a_model.mkdir()
     threads_before = threading.active_count()
     with Store(tmp_path / "db") as store:
-        model = add_model(store, "broken", str(not_a_model), 8)
+        model = store.add_model("broken", str(not_a_model), 8)  # registered, then its folder broke
         with pytest.raises(HeadmasterError):
             embed_paths(store, model, files, device="cpu", progress=False)
         assert threading.active_count() == threads_before

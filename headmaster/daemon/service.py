@@ -133,7 +133,7 @@ class Daemon:
             folder.mkdir(parents=True, exist_ok=True)
         self._take_lock()
         self.ctx = Context.open(str(self.ws.root), EmbedOptions(device=self.config.daemon.device or None,
-                                                                 progress=False))
+                                                                 progress=False), notify=logger.info)
         self.server = ControlServer(self.socket_path, self.handle_request,
                                     on_bad_request=lambda: self.state.count("bad_requests"))
         self.server.start()
@@ -347,6 +347,9 @@ class Daemon:
         self.notifier.notify("READY=1")
         logger.info("ready: {} head(s), {} file(s) waiting in the inbox", len(self.ws.head_names()),
                     self._queued_total())
+        if not self.ws.head_names():
+            logger.info("no heads yet: make {}/<head>/<bucket>/ folders and drop example photos in them; hmd then "
+                        "trains each head and sorts what lands in {}/<head>/", self.ws.heads_dir, self.inbox_dir)
 
     def _reconcile(self) -> None:
         """Find what changed while we were not watching: stat-only against the file index."""
@@ -355,7 +358,7 @@ class Daemon:
         if gone:
             self.ctx.store.forget_files(gone)
             logger.info("{} example(s) removed while hmd was down", len(gone))
-        model = self._model()
+        model = self._model() if self.ws.head_names() else None  # no heads: no model to prepare yet
         for name in self.ws.head_names():
             (self.inbox_dir / name).mkdir(parents=True, exist_ok=True)
             if model is None or self._stopping.is_set():
@@ -369,7 +372,7 @@ class Daemon:
 
     def _model(self) -> Model | None:
         try:
-            return self.ctx.store.active_model()
+            return self.ctx.active_model()
         except HeadmasterError as e:
             self._tell_once("model", f"{e}; then `hmctl rescan`")
             return None
@@ -516,7 +519,7 @@ class Daemon:
             raise HeadmasterError(f"head '{head}' is not trained yet") from None
         key = (st.st_mtime_ns, st.st_size)
         hit = self._trained.get(head)
-        model = self.ctx.store.active_model()
+        model = self.ctx.active_model()
         if hit and hit[0] == key and hit[2] == model:
             return hit[1], hit[2]
         trained, model = load_trained(self.ctx, head)
