@@ -149,8 +149,9 @@ def cli(ctx: click.Context, workspace: str | None, progress: bool | None) -> Non
     """Train classifier heads on vision model embeddings.
 
     Folders are the configuration: every folder in workspace/heads/ is a head,
-    every folder inside it a bucket (class). Register a model, embed, train,
-    then classify new images.
+    every folder inside it a bucket (class). Embed, train, then classify new
+    images. With no model registered, the built-in EfficientNet-Lite0 is
+    registered as `default` on first use. New here? Run `hm demo`.
     """
     ctx.obj = {"workspace": workspace, "progress": progress}
 
