@@ -176,6 +176,7 @@ def demo(obj, directory: str, device, batch_size, workers) -> None:
     """
     from headmaster.demo import lay_out, run_demo
 
+    started = time.perf_counter()
     layout = lay_out(Path(directory))
     root = _shown(layout.root)
     shown_train = ", ".join(f"{k} {v}" for k, v in layout.train.items())
@@ -185,10 +186,10 @@ def demo(obj, directory: str, device, batch_size, workers) -> None:
     with Context.open(str(layout.root), options, notify=_note) as c:
         report = run_demo(c, layout)
         _print_trained(report.train, c)
-    _print_demo(report, root)
+    _print_demo(report, root, time.perf_counter() - started)
 
 
-def _print_demo(report, root: str) -> None:
+def _print_demo(report, root: str, seconds: float) -> None:
     sorted_ = report.sorted
     counts = sorted_.counts()
     summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
@@ -200,7 +201,7 @@ def _print_demo(report, root: str) -> None:
                f"{per_class})")
     for m in report.mistakes:
         click.echo(f"  {m.path.name}: a {m.truth}, went to {m.bucket}/ ({m.score:.2f})")
-    click.echo(f"Done in {report.seconds:.0f}s.\n")
+    click.echo(f"Done in {seconds:.0f}s.\n")
     click.echo("Next:")
     click.echo(f"  ls {root}/classified/clothing/*            # the sorted copies (unsorted/ keeps the originals)")
     click.echo(f"  uv run hm -w {root} status --head clothing")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -66,7 +65,6 @@ class DemoReport:
     correct: dict[str, int]  # class -> held-back photos sorted into it
     total: dict[str, int]  # class -> held-back photos
     mistakes: list[Mistake] = field(default_factory=list)
-    seconds: float = 0.0
 
     @property
     def accuracy(self) -> float:
@@ -123,7 +121,6 @@ def run_demo(ctx: "Context", layout: Layout) -> DemoReport:
     from headmaster.sorting import classify_folder
     from headmaster.training import train_one
 
-    started = time.perf_counter()
     trained = train_one(ctx, HEAD, TrainConfig())
     dest = ctx.workspace.classified_dir / HEAD
     # An earlier run's copies are already there: decide again, copy nothing twice.
@@ -141,4 +138,4 @@ def run_demo(ctx: "Context", layout: Layout) -> DemoReport:
             correct[truth] += 1
         else:
             mistakes.append(Mistake(d.path, truth, d.bucket, d.score))
-    return DemoReport(layout, trained, sorted_, correct, total, mistakes, time.perf_counter() - started)
+    return DemoReport(layout, trained, sorted_, correct, total, mistakes)
