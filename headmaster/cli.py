@@ -202,14 +202,18 @@ def _print_demo(report, root: str, seconds: float) -> None:
     for m in report.mistakes:
         click.echo(f"  {m.path.name}: a {m.truth}, went to {m.bucket}/ ({m.score:.2f})")
     click.echo(f"Done in {seconds:.0f}s.\n")
+    steps = [
+        (f"ls {root}/classified/clothing/*", "the sorted copies (unsorted/ keeps the originals)"),
+        (f"uv run hm -w {root} status --head clothing", "the head, its buckets and scores"),
+        (f"HEADMASTER_WORKSPACE={root} uv run hmd", f"the daemon: it sorts what lands in {root}/inbox/clothing/"),
+        ("http://127.0.0.1:7878", f"the review page, while hmd runs (or `uv run hm -w {root} serve`)"),
+        (f"mkdir -p {root}/heads/mine/{{yes,no}}", "your own head: 20+ photos in each bucket, then"),
+        (f"uv run hm -w {root} train --head mine", ""),
+    ]
+    width = max(len(command) for command, _ in steps)
     click.echo("Next:")
-    click.echo(f"  ls {root}/classified/clothing/*            # the sorted copies (unsorted/ keeps the originals)")
-    click.echo(f"  uv run hm -w {root} status --head clothing")
-    click.echo(f"  HEADMASTER_WORKSPACE={root} uv run hmd     # the daemon: drop photos into {root}/inbox/clothing/")
-    click.echo("  then open http://127.0.0.1:7878           # the review page, served by hmd "
-               f"(or `uv run hm -w {root} serve`)")
-    click.echo(f"  mkdir -p {root}/heads/mine/{{yes,no}}     # your own head: 20+ photos per bucket, then")
-    click.echo(f"  uv run hm -w {root} train --head mine")
+    for command, why in steps:
+        click.echo(f"  {command:<{width}}  {'# ' + why if why else ''}".rstrip())
 
 
 # -- models ---------------------------------------------------------------------
