@@ -66,7 +66,8 @@ def remove_model(store: Store, name: str) -> int:
 
 def format_model_list(rows: list[tuple[Model, int]]) -> str:
     if not rows:
-        return "No models registered. Add one with: hm model-add --name NAME --path HF_ID_OR_FOLDER --dim DIM"
+        return ("No models registered: the first command that needs one registers the built-in EfficientNet-Lite0 "
+                "as 'default'. Add your own with: hm model-add --name NAME --path HF_ID_OR_FOLDER")
     name_w = max(4, *(len(m.name) for m, _ in rows))
     lines = [f"  {'NAME':<{name_w}}  {'DIM':>5}  {'CACHED':>7}  PATH"]
     for m, n in rows:
