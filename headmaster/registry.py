@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+from headmaster.builtin import ensure_default_model
 from headmaster.errors import HeadmasterError
 from headmaster.store import Model, Store
 
@@ -45,8 +46,6 @@ def probe_dim(name: str, path: str) -> int:
 def model_in_use(store: Store, notify: Callable[[str], None] | None = None) -> Model:
     """The model every command embeds with: the active one. With no model registered at all, the built-in
     backbone, registered as `default` on the spot; a user who registered a model first never gets it."""
-    from headmaster.builtin import ensure_default_model
-
     return ensure_default_model(store, notify)
 
 

@@ -62,6 +62,17 @@ def test_default_is_registered_when_a_command_needs_a_model(ctx, workspace, buil
     assert ctx.active_model() == report.model  # registered once
 
 
+def test_a_cleared_cache_is_converted_again(ctx, builtin_model, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv(builtin.CACHE_ENV, str(tmp_path / "cache"))
+    shutil.copytree(builtin_model, builtin.builtin_model_path())  # as if converted earlier
+    assert ctx.active_model().path == str(builtin.builtin_model_path())
+    shutil.rmtree(tmp_path / "cache")  # the user clears ~/.cache
+    model = ctx.active_model()
+    assert model.name == "default" and builtin.is_ready() and len(ctx.store.models()) == 1
+
+
 def test_a_user_who_registers_first_never_gets_the_default(ctx, workspace, clip_path):
     add_model(ctx.store, "mine", str(clip_path))  # --dim learned: 24
     assert ctx.active_model().name == "mine" and ctx.active_model().embed_dim == 24
