@@ -33,7 +33,6 @@ def test_builtin_model_loads_through_the_normal_loader(builtin_model, tmp_path):
     vectors = embedder.embed_pixels(embedder.preprocess(images))
     assert vectors.shape == (2, 1280) and vectors.dtype == np.float32 and np.isfinite(vectors).all()
     assert not np.allclose(vectors[0], vectors[1])  # a real network: different pictures, different vectors
-    builtin.check_model(builtin_model)  # the known image still gives the known vector
 
 
 def test_a_wrong_conversion_is_caught_and_never_lands(tmp_path, monkeypatch):
