@@ -705,6 +705,43 @@ def corrections(obj, head: str, limit: int) -> None:
             click.echo(f"{r.at}  {r.kind:<10}  {r.bucket:<12}  {os.path.relpath(r.source, c.workspace.root)}")
 
 
+# -- the review page without the daemon ---------------------------------------------
+
+@cli.command()
+@click.option("--listen", default=None, metavar="HOST:PORT",
+              help="Address to serve on (default: [web] listen from the config, else 127.0.0.1:7878).")
+@click.option("--token", default=None, envvar="HEADMASTER_WEB_TOKEN",
+              help="Require this token on every request (needed for any non-loopback address).")
+@click.pass_obj
+@user_errors
+def serve(obj, listen: str | None, token: str | None) -> None:
+    """Serve the review page (hmd serves the same page by itself).
+
+    Label uncertain images and fix suspects in the browser; each label is recorded
+    as an example, as moving the file by hand is, and the head learns from it on
+    the next `hm train`. Stop with Ctrl-C.
+    """
+    from headmaster.config import load_config
+    from headmaster.review import ReviewService
+    from headmaster.web.server import WebError, WebServer
+
+    web = load_config(None, obj.get("workspace")).web
+    ws = Workspace.from_env(obj.get("workspace"))
+    if not ws.heads_dir.is_dir():
+        raise HeadmasterError(f"no heads/ folder in {ws.root}; make a head first (mkdir -p heads/NAME/BUCKET)")
+    service = ReviewService(ws, EmbedOptions(progress=False))
+    try:
+        server = WebServer(service, listen or web.listen, web.token if token is None else token)
+    except WebError as e:
+        service.close()
+        raise HeadmasterError(str(e)) from None
+    click.echo(f"Review page: {server.url}  (workspace {ws.root}; Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    finally:
+        service.close()
+
+
 def main() -> None:
     cli(prog_name="hm")
 

@@ -1,0 +1,87 @@
+"""Serving the review page with uvicorn: in a thread beside hmd's work, or in the foreground (`hm serve`).
+
+The socket is bound here, before uvicorn starts, so a busy port is one clear error at start
+and a configured port 0 (tests) tells us the port the system chose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from typing import Any
+
+import uvicorn
+
+from headmaster.web.app import create_app
+from headmaster.web.backend import ReviewBackend
+from headmaster.web.security import Guard, check_listen, url_host
+
+START_TIMEOUT_S = 10.0
+
+
+class WebError(Exception):
+    """The page cannot be served (bad address, port in use)."""
+
+
+class WebServer:
+    def __init__(self, backend: ReviewBackend, listen: str, token: str = ""):
+        try:
+            host, port = check_listen(listen, token)
+        except ValueError as e:
+            raise WebError(f"[web] listen: {e}") from None
+        self.sock = _bind(host, port)
+        self.guard = Guard(host, self.sock.getsockname()[1], token)
+        config = uvicorn.Config(create_app(backend, self.guard), log_level="warning", access_log=False,
+                                lifespan="off", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.guard.host in ("0.0.0.0", "") else "::1" if self.guard.host == "::" else \
+            self.guard.host
+        return f"http://{url_host(host)}:{self.guard.port}/"
+
+    def info(self) -> dict[str, Any]:
+        return {"url": self.url, "listen": f"{url_host(self.guard.host)}:{self.guard.port}",
+                "token": bool(self.guard.token)}
+
+    def start(self) -> str:
+        """Serve from a thread of its own (its own event loop); returns the page's address."""
+        self.thread = threading.Thread(target=self._run, name="hm-web", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise WebError(f"the review page did not start on {self.url}")
+            time.sleep(0.02)
+        return self.url
+
+    def _run(self) -> None:
+        asyncio.run(self.server.serve(sockets=[self.sock]))
+
+    def serve_forever(self) -> None:
+        """Serve in the foreground until Ctrl-C (uvicorn handles SIGINT and SIGTERM)."""
+        self.server.run(sockets=[self.sock])
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+        self.sock.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise WebError(f"cannot listen on {url_host(host)}:{port}: {e.strerror or e}") from None
+    sock.listen(128)
+    sock.set_inheritable(False)
+    return sock
