@@ -33,12 +33,12 @@
   const cards = () => grid ? Array.from(grid.querySelectorAll(".card:not(.leaving)")) : [];
   const focused = () => grid && grid.querySelector(".card.focus");
 
-  function focus(card) {
+  function focus(card, scroll = true) {
     const old = focused();
     if (old) old.classList.remove("focus");
     if (!card) return;
     card.classList.add("focus");
-    card.scrollIntoView({block: "nearest"});
+    if (scroll) card.scrollIntoView({block: "nearest"});
   }
 
   function counts() {
@@ -143,7 +143,7 @@
   if (grid) {
     const names = {};  // key -> bucket, from the legend (it lists every bucket even when the grid is empty)
     document.querySelectorAll("#legend [data-key]").forEach(h => { names[h.dataset.key] = h.dataset.bucket; });
-    focus(cards()[0]);
+    focus(cards()[0], false);
     counts();
 
     document.addEventListener("keydown", e => {
