@@ -30,7 +30,7 @@ from headmaster.heads import UNCERTAIN, TrainConfig
 from headmaster.learning import NOT_LABELS, Learned, ensure_schema, learn, unlearn
 from headmaster.store import FileRecord, Store
 from headmaster.web.backend import EXCLUDED, Action, Item, NotFound
-from headmaster.workspace import Workspace, list_images, shown_path
+from headmaster.workspace import NOT_BUCKET_PREFIXES, Workspace, list_images, shown_path
 
 T = TypeVar("T")
 RECENT_SORTS = 200  # how many recent sorts the queue looks at after the uncertain ones
@@ -97,10 +97,12 @@ class ReviewService:
                 continue  # removed while we looked
             ck = self._checkpoints.summary(self.ws.checkpoint_path(name)) or {}
             errors, warnings = labelled.problems()
-            leaks, _ = indexed_leaks(self.ws, self.store, name, labelled)
+            with self._lock:  # our connection serves one thread at a time
+                leaks, _ = indexed_leaks(self.ws, self.store, name, labelled)
             uncertain = self.ws.classified_dir / name / UNCERTAIN
             heads[name] = {
                 "type": ck.get("type", labelled.head_type),
+                "kind": ck.get("kind"),
                 "buckets": {b.name: len(b.images) for b in labelled.buckets},
                 "images": labelled.image_count,
                 "trained": "type" in ck,
@@ -138,7 +140,8 @@ class ReviewService:
 
         ranked = self.run_model(rank)
         seen = {i.id for i, _ in ranked}
-        recent = [(i, p) for i, p in self._recent_sorts(head, classes, limit) if i.id not in seen]
+        with self._lock:
+            recent = [(i, p) for i, p in self._recent_sorts(head, classes, limit) if i.id not in seen]
         chosen = _unique(ranked + recent)[:limit]
         self._remember(chosen)
         return [i for i, _ in chosen]
@@ -237,8 +240,8 @@ class ReviewService:
 
     # -- changing ---------------------------------------------------------------------------
     def label(self, head: str, id: str, bucket: str) -> Action:
-        labelled = self._known_head(head)
-        if bucket not in labelled.classes:
+        if head not in self.ws.head_names() or "/" in bucket or bucket.startswith(NOT_BUCKET_PREFIXES) \
+                or not (self.ws.heads_dir / head / bucket).is_dir():  # not a scan of every image: this runs per key
             raise NotFound(f"head '{head}' has no bucket '{bucket}'")
         with self._lock:
             item, path = self._current(head, id)

@@ -352,3 +352,13 @@ def test_folders_starting_with_an_underscore_are_not_buckets(tmp_path):
     colour_image(head / EXCLUDED / "x.png", "green", 1)
     labelled = Workspace(tmp_path).head("h")
     assert labelled.classes == ["a", "b"] and labelled.image_count == 4
+
+
+def test_hmctl_status_prints_the_page_address():
+    from headmaster.ctl import format_status
+
+    status = {"pid": 1, "uptime_s": 5, "model": "m", "activity": "idle", "workspace": "/ws", "heads": {},
+              "inbox": {"path": "/ws/inbox", "queued": 0, "sorted": 0, "rejected": 0}}
+    assert "Review page" not in format_status(status)  # [web] enabled = false
+    assert "Review page: http://127.0.0.1:7878/" in format_status({**status, "web": {"url": "http://127.0.0.1:7878/"}})
+    assert "Review page: not served (cannot listen" in format_status({**status, "web": {"error": "cannot listen"}})

@@ -151,7 +151,8 @@ class CheckpointCache:
             summary = {"error": str(e)}
         else:
             meta = ck.get("metadata", {})
-            summary = {"type": ck["type"], "model": ck["model"], "classes": list(ck["classes"]),
+            summary = {"type": ck["type"], "kind": ck.get("kind", "mlp"), "model": ck["model"],
+                       "classes": list(ck["classes"]),
                        "threshold": ck.get("threshold"), "created_at": meta.get("created_at"),
                        "metrics": meta.get("metrics", {})}
         with self.lock:

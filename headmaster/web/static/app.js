@@ -7,7 +7,7 @@
   const view = body.dataset.view;
   const grid = document.getElementById("grid");
   const toastBox = document.getElementById("toast");
-  const REFILL_BELOW = 15;  // fetch more cards when fewer are left
+  const REFILL_BELOW = 30;  // fetch more cards when fewer are left
   const POLL_MS = 3000;
   let chain = Promise.resolve();  // actions go to the server one after another, in order
   let toastTimer = 0;
