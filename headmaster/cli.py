@@ -722,16 +722,23 @@ def serve(obj, listen: str | None, token: str | None) -> None:
     the next `hm train`. Stop with Ctrl-C.
     """
     from headmaster.config import load_config
-    from headmaster.review import ReviewService
-    from headmaster.web.server import WebError, WebServer
+    from headmaster.web.security import check_listen
 
     web = load_config(None, obj.get("workspace")).web
+    listen, token = listen or web.listen, web.token if token is None else token
+    try:
+        check_listen(listen, token)  # before the slow imports: a refusal is immediate
+    except ValueError as e:
+        raise HeadmasterError(f"--listen: {e}") from None
     ws = Workspace.from_env(obj.get("workspace"))
     if not ws.heads_dir.is_dir():
         raise HeadmasterError(f"no heads/ folder in {ws.root}; make a head first (mkdir -p heads/NAME/BUCKET)")
+    from headmaster.review import ReviewService
+    from headmaster.web.server import WebError, WebServer
+
     service = ReviewService(ws, EmbedOptions(progress=False))
     try:
-        server = WebServer(service, listen or web.listen, web.token if token is None else token)
+        server = WebServer(service, listen, token)
     except WebError as e:
         service.close()
         raise HeadmasterError(str(e)) from None

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from headmaster.context import Context, EmbedOptions
-from headmaster.daemon.state import CheckpointCache
+from headmaster.daemon.state import CheckpointCache, head_fields
 from headmaster.duplicates import indexed_leaks
 from headmaster.errors import HeadmasterError
 from headmaster.fileops import move_into, write_atomic
@@ -101,16 +101,7 @@ class ReviewService:
                 leaks, _ = indexed_leaks(self.ws, self.store, name, labelled)
             uncertain = self.ws.classified_dir / name / UNCERTAIN
             heads[name] = {
-                "type": ck.get("type", labelled.head_type),
-                "kind": ck.get("kind"),
-                "buckets": {b.name: len(b.images) for b in labelled.buckets},
-                "images": labelled.image_count,
-                "trained": "type" in ck,
-                "last_trained": ck.get("created_at"),
-                "model": ck.get("model"),
-                "threshold": ck.get("threshold"),
-                "metrics": ck.get("metrics", {}),
-                "error": ck.get("error"),
+                **head_fields(labelled, ck),
                 "uncertain": len(list_images(uncertain)[0]) if uncertain.is_dir() else 0,
                 "excluded": _count_images(self.ws.heads_dir / name / EXCLUDED),
                 "warnings": errors + warnings + [leak.describe(self.ws.root) for leak in leaks],
@@ -182,10 +173,7 @@ class ReviewService:
                 return [(Item(s.hash, head, s.path.name, "example", s.bucket, s.preferred,
                               round(s.probability, 4)), s.path) for s in report.suspects]
 
-            try:
-                found = self.run_model(find)
-            except HeadmasterError as e:
-                raise NotFound(str(e)) from None
+            found = self.run_model(find)  # a head that cannot be scored yet: HeadmasterError, shown on the page
             with self._lock:
                 self._remember(found)
                 self._suspects[head] = (key, [i for i, _ in found])
@@ -217,8 +205,9 @@ class ReviewService:
             kinds = []
             for r in ev.results:  # the same curve `hm evaluate --plot` draws
                 shares, cum = cumulative_accuracy([a for a in r.class_accuracy.values() if not math.isnan(a)], points)
+                per_class = {c: None if math.isnan(a) else a for c, a in r.class_accuracy.items()}  # JSON has no NaN
                 kinds.append({"kind": r.kind, "accuracy": r.accuracy.mean, "low": r.accuracy.low,
-                              "high": r.accuracy.high, "f1": r.f1.mean, "class_accuracy": {c: None if math.isnan(a) else a for c, a in r.class_accuracy.items()},
+                              "high": r.accuracy.high, "f1": r.f1.mean, "class_accuracy": per_class,
                               "curve": [[float(x), float(y)] for x, y in zip(shares, cum)]})
             out["evaluate"] = {"repeats": ev.repeats, "test_size": ev.test_size, "images": ev.images,
                                "model": ev.model, "kinds": kinds}

@@ -34,7 +34,7 @@ from headmaster.context import Context, EmbedOptions
 from headmaster.daemon.control import ControlServer
 from headmaster.daemon.inbox import REJECTED, Placed, inbox_files, inbox_heads, resolve_leftovers, sort_files
 from headmaster.daemon.logs import setup_logging
-from headmaster.daemon.state import CheckpointCache, DaemonState, iso, needs_retrain
+from headmaster.daemon.state import CheckpointCache, DaemonState, head_fields, iso, needs_retrain
 from headmaster.daemon.watcher import Settler, WorkspaceHandler, reports_closes, start_observer
 from headmaster.errors import HeadmasterError
 from headmaster.heads import TrainConfig, TrainedHead
@@ -695,15 +695,8 @@ class Daemon:
                         "training": h.training, "error": h.last_error or ck.get("error"),
                         "corrections": h.corrections}
             heads[name] = {
-                "type": ck.get("type", labelled.head_type),
-                "buckets": {b.name: len(b.images) for b in labelled.buckets},
-                "images": labelled.image_count,
-                "trained": "type" in ck,
-                "last_trained": ck.get("created_at"),
-                "model": ck.get("model"),
+                **head_fields(labelled, ck),
                 **info,
-                "threshold": ck.get("threshold"),
-                "metrics": ck.get("metrics", {}),
                 "waiting": len(inbox_files(self.inbox_dir / name)),
                 "examples_from_corrections": learned.get(name, {}).get("examples", 0),
             }

@@ -26,6 +26,7 @@ from headmaster.web.thumbnails import THUMBS_DIR, ThumbnailError, cached_thumbna
 
 HERE = Path(__file__).parent
 QUEUE_PAGE = 60  # images rendered with the page; the script fetches more as the queue empties
+SUSPECTS_PAGE = 20  # as `hm suspects --limit`
 MAX_LIMIT = 1000
 KEYS = "123456789"
 IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
@@ -64,15 +65,20 @@ def create_app(backend: ReviewBackend, guard: Guard) -> Callable:
     def review(request: Request, view: str) -> tuple[dict, dict, list[Item]]:
         head = request.path_params["head"]
         status, info = head_status(head)
-        limit = _limit(request, QUEUE_PAGE)
+        limit = _limit(request, QUEUE_PAGE if view == "queue" else SUSPECTS_PAGE)
         items = backend.queue(head, limit) if view == "queue" else backend.suspects(head, limit)
         return status, info, items
 
     def review_page(view: str) -> Callable[[Request], Response]:
         def endpoint(request: Request) -> Response:
-            status, info, items = review(request, view)
+            error = None
+            try:
+                status, info, items = review(request, view)
+            except HeadmasterError as e:  # e.g. too few images to score suspects: say so on the page
+                status, info = head_status(request.path_params["head"])
+                items, error = [], str(e)
             return page("review.html", request, head=request.path_params["head"], info=info, items=items,
-                        view=view, buckets=buckets_of(info), daemon=status["daemon"])
+                        view=view, buckets=buckets_of(info), daemon=status["daemon"], error=error)
         return endpoint
 
     def review_json(view: str) -> Callable[[Request], Response]:

@@ -75,13 +75,14 @@
     focus(next);
     toast(text);
     counts();
-    if (cards().length < REFILL_BELOW) refill();
+    if (view === "queue" && cards().length < REFILL_BELOW) refill();  // suspects: the worst 20 are the list
   }
 
   function act(card, url, data, text) {
     if (!card) return;
+    performance.mark("hm-action");  // timings for DevTools and bench/review_page.py
     take(card, text);
-    chain = chain.then(() => post(url, data)).catch(err => {
+    chain = chain.then(() => post(url, data)).then(() => performance.mark("hm-action-done")).catch(err => {
       toast(err.message, true);
       handled.delete(card.dataset.id);
       card.classList.remove("leaving");
