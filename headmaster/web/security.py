@@ -51,8 +51,8 @@ def check_listen(listen: str, token: str) -> tuple[str, int]:
     """The (host, port) to bind; ValueError unless it is loopback or a token is set."""
     host, port = parse_listen(listen)
     if not is_loopback(host) and not token:
-        raise ValueError(f"{listen} is reachable from other machines; set a token ([web] token, or hm serve --token) "
-                         f"to serve the page there, or listen on 127.0.0.1")
+        raise ValueError(f"{listen} is reachable from other machines; set a token ([web] token, or "
+                         f"hm serve --token) to serve the page there, or listen on 127.0.0.1")
     return host, port
 
 
