@@ -69,6 +69,9 @@ rank_folder = lazy("headmaster.ranking", "rank_folder")
 rank_rows = lazy("headmaster.ranking", "rank_rows")
 suspect_rows = lazy("headmaster.ranking", "suspect_rows")
 write_sidecars = lazy("headmaster.sidecars", "write_sidecars")
+confusion_figures = lazy("headmaster.figures", "confusion_figures")
+evaluation_figures = lazy("headmaster.figures", "evaluation_figures")
+save_figures = lazy("headmaster.figures", "save_figures")
 classify_folder = lazy("headmaster.sorting", "classify_folder")
 prediction_rows = lazy("headmaster.sorting", "prediction_rows")
 predict_heads = lazy("headmaster.sorting", "predict_heads")
@@ -419,6 +422,7 @@ def confusion_matrix_cmd(obj, head, test_dir, extended, plot, device, batch_size
         result = confusion_matrix(c, head, Path(test_dir) if test_dir else None)
         _print_skipped(result.skipped, c.workspace.root)
         click.echo(format_confusion(result, extended, root=Path.cwd()))
+        save_figures(c.workspace, head, confusion=confusion_figures(result, c.workspace.root))  # for the page
         if plot:
             plot_confusion(result, Path(plot))
             click.echo(f"Wrote {plot}")
@@ -472,6 +476,7 @@ def evaluate(obj, head, repeats, test_size, kind, seed, plot, device, batch_size
         ev = evaluate_head(c, head, parse_kinds(kind), repeats, test_size, seed)
         _print_skipped(ev.skipped, c.workspace.root)
         click.echo(format_evaluation(ev))
+        save_figures(c.workspace, head, evaluate=evaluation_figures(ev))  # the review page shows them
         if plot:
             plot_evaluation(ev, Path(plot))
             click.echo(f"Wrote {plot}")

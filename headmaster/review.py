@@ -13,8 +13,6 @@ label never waits for a retrain.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +23,8 @@ from headmaster.context import Context, EmbedOptions
 from headmaster.daemon.state import CheckpointCache, head_fields
 from headmaster.duplicates import indexed_leaks
 from headmaster.errors import HeadmasterError
-from headmaster.fileops import move_into, write_atomic
+from headmaster.fileops import move_into
+from headmaster.figures import confusion_figures, evaluation_figures, read_figures, save_figures
 from headmaster.heads import UNCERTAIN, TrainConfig
 from headmaster.learning import NOT_LABELS, Learned, ensure_schema, learn, unlearn
 from headmaster.store import FileRecord, Store
@@ -185,7 +184,7 @@ class ReviewService:
     def details(self, head: str) -> dict[str, Any]:
         self._known_head(head)
         status = self.status()["heads"].get(head, {})
-        figures = _read_json(self._figures_path(head))
+        figures = read_figures(self.ws, head)
         return {"head": head, "status": status, "evaluation": figures}
 
     def evaluate(self, head: str) -> dict[str, Any]:
@@ -193,32 +192,16 @@ class ReviewService:
 
         def compute(ctx: Context) -> dict[str, Any]:
             from headmaster.evaluation import confusion_matrix
-            from headmaster.repeated import cumulative_accuracy, evaluate_head
+            from headmaster.repeated import evaluate_head
 
-            out: dict[str, Any] = {}
+            parts = {}
             if (self.ws.test_dir / head).is_dir():
-                cm = confusion_matrix(ctx, head)
-                out["confusion"] = {"classes": cm.classes, "matrix": cm.matrix.tolist(), "accuracy": cm.accuracy,
-                                    "test_dir": shown_path(cm.test_dir, self.ws.root)}
-            ev = evaluate_head(ctx, head, ["mlp", "prototype", "logreg"], repeats=10)
-            points = min(10, len(ev.classes))
-            kinds = []
-            for r in ev.results:  # the same curve `hm evaluate --plot` draws
-                shares, cum = cumulative_accuracy([a for a in r.class_accuracy.values() if not math.isnan(a)], points)
-                per_class = {c: None if math.isnan(a) else a for c, a in r.class_accuracy.items()}  # JSON has no NaN
-                kinds.append({"kind": r.kind, "accuracy": r.accuracy.mean, "low": r.accuracy.low,
-                              "high": r.accuracy.high, "f1": r.f1.mean, "class_accuracy": per_class,
-                              "curve": [[float(x), float(y)] for x, y in zip(shares, cum)]})
-            out["evaluate"] = {"repeats": ev.repeats, "test_size": ev.test_size, "images": ev.images,
-                               "model": ev.model, "kinds": kinds}
-            return out
+                parts["confusion"] = confusion_figures(confusion_matrix(ctx, head), self.ws.root)
+            parts["evaluate"] = evaluation_figures(evaluate_head(ctx, head, ["mlp", "prototype", "logreg"],
+                                                                 repeats=10))
+            return parts
 
-        figures = self.run_model(compute)
-        write_atomic(self._figures_path(head), lambda f: f.write(json.dumps(figures, indent=1).encode()))
-        return figures
-
-    def _figures_path(self, head: str) -> Path:
-        return self.ws.out_dir / f"{head}.figures.json"
+        return save_figures(self.ws, head, **self.run_model(compute))
 
     def image_path(self, id: str) -> Path:
         with self._lock:
@@ -341,10 +324,3 @@ def _stat_key(path: Path) -> tuple[int, int] | None:
 
 def _count_images(folder: Path) -> int:
     return len(list_images(folder)[0]) if folder.is_dir() else 0
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return None

@@ -198,6 +198,19 @@ def test_head_details_show_metrics_and_the_evaluation_once_computed(client, guar
     assert client.get("/heads/colour/details.json").json()["evaluation"] == figures
 
 
+def test_hm_evaluate_leaves_its_figures_for_the_page(site, client):
+    from click.testing import CliRunner
+
+    from headmaster.cli import cli
+
+    before = client.get("/heads/colour/details.json").json()["evaluation"]
+    r = CliRunner().invoke(cli, ["-w", str(site), "evaluate", "--head", "colour", "--repeats", "2", "--kind", "mlp"])
+    assert r.exit_code == 0, r.output
+    after = client.get("/heads/colour/details.json").json()["evaluation"]
+    assert [k["kind"] for k in after["evaluate"]["kinds"]] == ["mlp"] and after["evaluate"]["repeats"] == 2
+    assert after["confusion"] == before["confusion"]  # the other part is kept
+
+
 # -- security -----------------------------------------------------------------------------------
 
 def test_the_host_header_must_name_our_address(service, guard):

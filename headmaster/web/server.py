@@ -7,6 +7,7 @@ and a configured port 0 (tests) tells us the port the system chose.
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import threading
 import time
@@ -81,7 +82,9 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise WebError(f"cannot listen on {url_host(host)}:{port}: {e.strerror or e}") from None
+        hint = " (is hmd already serving the page there? `hmctl status` shows its address)" \
+            if e.errno == errno.EADDRINUSE else ""
+        raise WebError(f"cannot listen on {url_host(host)}:{port}: {e.strerror or e}{hint}") from None
     sock.listen(128)
     sock.set_inheritable(False)
     return sock
