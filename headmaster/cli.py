@@ -750,8 +750,11 @@ def serve(obj, listen: str | None, token: str | None) -> None:
     click.echo(f"Review page: {server.url}  (workspace {ws.root}; Ctrl-C stops)")
     try:
         server.serve_forever()
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how one stops a server: not an error
     finally:
         service.close()
+    click.echo("Stopped")
 
 
 def main() -> None:

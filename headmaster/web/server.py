@@ -26,6 +26,34 @@ class WebError(Exception):
     """The page cannot be served (bad address, port in use)."""
 
 
+class _QuietServer(uvicorn.Server):
+    """uvicorn wakes every 100 ms to refresh its Date header and look for an exit flag. hmd idles at zero
+    CPU, so this server sends no Date header and sleeps until it is told to stop."""
+
+    def __init__(self, config: uvicorn.Config):
+        super().__init__(config)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        await super().startup(sockets)
+
+    async def main_loop(self) -> None:
+        await self.on_tick(0)  # sets the default headers once
+        while not self.should_exit:
+            await self._stop.wait()
+
+    def request_stop(self) -> None:
+        self.should_exit = True
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:  # Ctrl-C / SIGTERM under `hm serve`
+        super().handle_exit(sig, frame)
+        self.request_stop()
+
+
 class WebServer:
     def __init__(self, backend: ReviewBackend, listen: str, token: str = ""):
         try:
@@ -35,8 +63,9 @@ class WebServer:
         self.sock = _bind(host, port)
         self.guard = Guard(host, self.sock.getsockname()[1], token)
         config = uvicorn.Config(create_app(backend, self.guard), log_level="warning", access_log=False,
-                                lifespan="off", timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
+                                lifespan="off", timeout_graceful_shutdown=2, date_header=False,
+                                server_header=False)
+        self.server = _QuietServer(config)
         self.thread: threading.Thread | None = None
 
     @property
@@ -68,7 +97,7 @@ class WebServer:
         self.server.run(sockets=[self.sock])
 
     def stop(self) -> None:
-        self.server.should_exit = True
+        self.server.request_stop()
         if self.thread is not None:
             self.thread.join(timeout=5)
         self.sock.close()
