@@ -1,13 +1,17 @@
-"""The review page in a real headless Chromium, served by a real hmd subprocess.
+"""The review page served by a real hmd subprocess: over plain HTTP, and in a real headless Chromium.
 
 Labelling three images with the keyboard and undoing one must leave exactly what moving the
 files by hand would: two files in their buckets, learned once each, the head retrained, and the
-undone file back in uncertain/. Skips only where no chromium is installed outside CI.
+undone file back in uncertain/. The browser test skips only where no chromium is installed
+outside CI.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
+import json
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +25,7 @@ from headmaster.registry import add_model
 from headmaster.store import Store
 
 REASON = skip_reason()  # raises in CI (CI=true) when the browser is missing: there the tests must run
-pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+needs_browser = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +44,8 @@ def hmd(tmp_path_factory, clip_path):
 
 @pytest.fixture(scope="module")
 def browser():
+    if REASON is not None:
+        pytest.skip(REASON)
     driver = start_chromium()
     driver.set_page_load_timeout(60)
     yield driver
@@ -55,6 +61,30 @@ def loaded_images(driver) -> list[int]:
                                  ".map(i => i.complete ? i.naturalWidth : -1)")
 
 
+def test_hmd_serves_the_page_on_loopback_with_its_rules(hmd):
+    web = hmd.status()["web"]
+    url, port = web["url"], int(web["url"].rsplit(":", 1)[1].strip("/"))
+    assert url.startswith("http://127.0.0.1:") and web["token"] is False
+    with urllib.request.urlopen(url + "index.json", timeout=30) as r:
+        status = json.load(r)
+    assert status["daemon"] is True and status["heads"]["colour"]["retrains"] >= 1
+    assert status["heads"]["colour"]["buckets"] == {"blue": 10, "red": 10}
+
+    def answer(method: str, path: str, **headers: str) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request(method, path, body=b"{}", headers={"Host": f"127.0.0.1:{port}", **headers})
+        code = conn.getresponse().status
+        conn.close()
+        return code
+
+    assert answer("GET", "/", Host="rebound.example") == 421
+    assert answer("POST", "/api/undo") == 403  # no CSRF token
+    assert answer("GET", "/api/undo") == 405
+    assert answer("GET", "/images/" + "a" * 64) == 404
+    assert answer("GET", "/images/..%2Fheadmaster.db") == 404
+
+
+@needs_browser
 def test_label_three_with_the_keyboard_undo_one_and_the_head_learns(hmd, browser):
     from selenium.webdriver.common.by import By
 
