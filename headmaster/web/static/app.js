@@ -199,6 +199,7 @@
   }
 
   let lastSeen = null;
+  let lastUncertain = null;
   async function poll() {
     try {
       const r = await fetch("/index.json", {credentials: "same-origin"});
@@ -213,6 +214,8 @@
         set("last_trained", (h.last_trained || "never").slice(0, 16).replace("T", " "));
         const pending = document.querySelector('[data-live="pending"]');
         if (pending) pending.hidden = !(h.pending_retrain || h.training);
+        if (view === "queue" && lastUncertain !== null && h.uncertain > lastUncertain) refill();  // hmd sorted more
+        lastUncertain = h.uncertain;
       }
       const key = JSON.stringify(s.heads);
       if (body.dataset.page === "overview" && lastSeen !== null && key !== lastSeen) await swapMain();
