@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from browser import start_chromium  # noqa: E402
+from PIL import Image  # noqa: E402
 from helpers import build_clip  # noqa: E402
 
 from headmaster.context import Context, EmbedOptions  # noqa: E402
@@ -199,6 +200,9 @@ def main() -> None:
             driver.get(page)
             time.sleep(1.0)
             driver.save_screenshot(str(args.screenshot))
+            with Image.open(args.screenshot) as shot:  # 256 colours: a third of the size, fine for a README
+                shot.convert("RGB").quantize(256, dither=Image.Dither.FLOYDSTEINBERG).save(args.screenshot,
+                                                                                            optimize=True)
             print(f"wrote {args.screenshot}")
         labelled = label(driver, ws, args.labels) if args.labels else None
         load = os.getloadavg()
