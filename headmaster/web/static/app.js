@@ -161,6 +161,9 @@
       e.preventDefault();
     });
 
+    const undoButton = document.getElementById("undo");
+    if (undoButton) undoButton.addEventListener("click", undo);
+
     grid.addEventListener("click", e => {
       const card = e.target.closest(".card");
       if (!card) return;
