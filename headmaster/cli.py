@@ -68,6 +68,9 @@ rank_folder = lazy("headmaster.ranking", "rank_folder")
 rank_rows = lazy("headmaster.ranking", "rank_rows")
 suspect_rows = lazy("headmaster.ranking", "suspect_rows")
 write_sidecars = lazy("headmaster.sidecars", "write_sidecars")
+confusion_figures = lazy("headmaster.figures", "confusion_figures")
+evaluation_figures = lazy("headmaster.figures", "evaluation_figures")
+save_figures = lazy("headmaster.figures", "save_figures")
 classify_folder = lazy("headmaster.sorting", "classify_folder")
 prediction_rows = lazy("headmaster.sorting", "prediction_rows")
 predict_heads = lazy("headmaster.sorting", "predict_heads")
@@ -508,6 +511,7 @@ def confusion_matrix_cmd(obj, head, test_dir, extended, plot, device, batch_size
         result = confusion_matrix(c, head, Path(test_dir) if test_dir else None)
         _print_skipped(result.skipped, c.workspace.root)
         click.echo(format_confusion(result, extended, root=Path.cwd()))
+        save_figures(c.workspace, head, confusion=confusion_figures(result, c.workspace.root))  # for the page
         if plot:
             plot_confusion(result, Path(plot))
             click.echo(f"Wrote {plot}")
@@ -562,6 +566,7 @@ def evaluate(obj, head, repeats, test_size, kind, seed, plot, device, batch_size
         ev = evaluate_head(c, head, parse_kinds(kind), repeats, test_size, seed)
         _print_skipped(ev.skipped, c.workspace.root)
         click.echo(format_evaluation(ev))
+        save_figures(c.workspace, head, evaluate=evaluation_figures(ev))  # the review page shows them
         if plot:
             plot_evaluation(ev, Path(plot))
             click.echo(f"Wrote {plot}")
@@ -797,6 +802,53 @@ def corrections(obj, head: str, limit: int) -> None:
             return
         for r in rows:
             click.echo(f"{r.at}  {r.kind:<10}  {r.bucket:<12}  {os.path.relpath(r.source, c.workspace.root)}")
+
+
+# -- the review page without the daemon ---------------------------------------------
+
+@cli.command()
+@click.option("--listen", default=None, metavar="HOST:PORT",
+              help="Address to serve on (default: [web] listen from the config, else 127.0.0.1:7878).")
+@click.option("--token", default=None, envvar="HEADMASTER_WEB_TOKEN",
+              help="Require this token on every request (needed for any non-loopback address).")
+@click.pass_obj
+@user_errors
+def serve(obj, listen: str | None, token: str | None) -> None:
+    """Serve the review page (hmd serves the same page by itself).
+
+    Label uncertain images and fix suspects in the browser; each label is recorded
+    as an example, as moving the file by hand is, and the head learns from it on
+    the next `hm train`. Stop with Ctrl-C.
+    """
+    from headmaster.config import load_config
+    from headmaster.web.security import check_listen
+
+    web = load_config(None, obj.get("workspace")).web
+    listen, token = listen or web.listen, web.token if token is None else token
+    try:
+        check_listen(listen, token)  # before the slow imports: a refusal is immediate
+    except ValueError as e:
+        raise HeadmasterError(f"--listen: {e}") from None
+    ws = Workspace.from_env(obj.get("workspace"))
+    if not ws.heads_dir.is_dir():
+        raise HeadmasterError(f"no heads/ folder in {ws.root}; make a head first (mkdir -p heads/NAME/BUCKET)")
+    from headmaster.review import ReviewService
+    from headmaster.web.server import WebError, WebServer
+
+    service = ReviewService(ws, EmbedOptions(progress=False))
+    try:
+        server = WebServer(service, listen, token)
+    except WebError as e:
+        service.close()
+        raise HeadmasterError(str(e)) from None
+    click.echo(f"Review page: {server.url}  (workspace {ws.root}; Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how one stops a server: not an error
+    finally:
+        service.close()
+    click.echo("Stopped")
 
 
 def main() -> None:

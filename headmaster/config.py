@@ -57,12 +57,20 @@ class LearningConfig:
 
 
 @dataclass
+class WebConfig:
+    enabled: bool = True  # hmd serves the review page
+    listen: str = "127.0.0.1:7878"  # HOST:PORT; anything but loopback needs `token`
+    token: str = ""  # "": no login (loopback only); else every request must carry it
+
+
+@dataclass
 class Config:
     workspace: str = ""  # "": $HEADMASTER_WORKSPACE, else ./workspace; relative to the config file's folder
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     inbox: InboxConfig = field(default_factory=InboxConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     learning: LearningConfig = field(default_factory=LearningConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     source: Path | None = field(default=None, compare=False)  # the file it came from, if any
 
     # -- resolved paths -----------------------------------------------------------
@@ -106,7 +114,7 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {"daemon": DaemonConfig, "inbox": InboxConfig, "training": TrainingConfig,
-                             "learning": LearningConfig}
+                             "learning": LearningConfig, "web": WebConfig}
 TYPE_NAMES = {str: "a string", float: "a number", int: "an integer", bool: "true or false"}
 
 
@@ -171,9 +179,19 @@ def _check_values(config: Config, where: str) -> None:
         raise HeadmasterError(f"{where}: 'training.epochs' must be at least 1, got {t.epochs}")
     if t.lr <= 0:
         raise HeadmasterError(f"{where}: 'training.lr' must be above 0, got {t.lr}")
+    _check_web(config.web, where)
     if config.learning.confirm_after_days < 0:
         raise HeadmasterError(f"{where}: 'learning.confirm_after_days' must be 0 or more, "
                               f"got {config.learning.confirm_after_days}")
+
+
+def _check_web(web: WebConfig, where: str) -> None:
+    from headmaster.web.security import check_listen  # plain-Python checks, shared with `hm serve --listen`
+
+    try:
+        check_listen(web.listen, web.token)
+    except ValueError as e:
+        raise HeadmasterError(f"{where}: 'web.listen': {e}") from None
 
 
 def read_config(path: Path) -> Config:

@@ -60,6 +60,9 @@ def format_status(s: dict[str, Any]) -> str:
     lines = [f"hmd pid {s['pid']}, up {_duration(s['uptime_s'])}, model {s.get('model') or '(none)'}, "
              f"{s.get('activity', '')}{paused}",
              f"Workspace: {s['workspace']}"]
+    web = s.get("web")
+    if web:
+        lines.append(f"Review page: {web['url']}" if "url" in web else f"Review page: not served ({web['error']})")
     inbox = s["inbox"]
     lines.append(f"Inbox: {inbox['path']}: {inbox['queued']} queued, {inbox['sorted']} sorted, "
                  f"{inbox['rejected']} rejected since start")

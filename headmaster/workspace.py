@@ -1,7 +1,8 @@
 """The workspace: folders that define heads, buckets and test sets.
 
 The directory structure is the whole configuration: `heads/<head>/<bucket>/`
-holds labelled images, `test/<head>/<bucket>/` an optional test set.
+holds labelled images, `test/<head>/<bucket>/` an optional test set. A folder whose
+name starts with `.` or `_` (like `heads/<head>/_excluded/`) is not a bucket.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from headmaster.errors import HeadmasterError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 MIN_BUCKET_IMAGES = 20  # below this a bucket gets a warning, not an error
 DEFAULT_WORKSPACE = "workspace"
+NOT_BUCKET_PREFIXES = (".", "_")  # folders in a head that are not buckets (heads/<head>/_excluded/, ...)
 
 
 def is_image_name(path: Path | str) -> bool:
@@ -191,7 +193,9 @@ def scan_labelled_set(name: str, path: Path) -> LabelledSet:
     buckets: list[Bucket] = []
     ignored = 0
     for entry in sorted(path.iterdir()):
-        if entry.is_dir() and not entry.name.startswith("."):
+        if entry.is_dir() and entry.name.startswith(NOT_BUCKET_PREFIXES):
+            continue  # hidden, or ours like _excluded/ (images taken out of training): never a bucket
+        if entry.is_dir():
             images, skipped = list_images(entry)
             buckets.append(Bucket(entry.name, entry, images))
             ignored += skipped

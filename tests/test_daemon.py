@@ -66,7 +66,8 @@ class Hmd:
         self.config = root / "hmd.toml"
         self.config.write_text(
             f'workspace = "{ws}"\n[daemon]\nsocket = "{self.socket}"\ndebounce_seconds = {DEBOUNCE}\n'
-            f'max_delay_seconds = 20.0\nsettle_seconds = {SETTLE}\ndevice = "cpu"\n[training]\nepochs = 20\n')
+            f'max_delay_seconds = 20.0\nsettle_seconds = {SETTLE}\ndevice = "cpu"\n[training]\nepochs = 20\n'
+            f'[web]\nlisten = "127.0.0.1:0"\n')  # the review page on a free port (tests run side by side)
         self.log_path = root / "hmd.log"
         self.proc: subprocess.Popen | None = None
         self.beside: tuple[subprocess.Popen, Path] | None = None  # an `hm` command running beside hmd

@@ -34,11 +34,12 @@ from headmaster.context import Context, EmbedOptions
 from headmaster.daemon.control import ControlServer
 from headmaster.daemon.inbox import REJECTED, Placed, inbox_files, inbox_heads, resolve_leftovers, sort_files
 from headmaster.daemon.logs import setup_logging
-from headmaster.daemon.state import CheckpointCache, DaemonState, iso, needs_retrain
+from headmaster.daemon.state import CheckpointCache, DaemonState, head_fields, iso, needs_retrain
 from headmaster.daemon.watcher import Settler, WorkspaceHandler, reports_closes, start_observer
 from headmaster.errors import HeadmasterError
 from headmaster.heads import TrainConfig, TrainedHead
-from headmaster.learning import confirmable, correction_counts, ensure_schema, is_correction, learn, rank_uncertain
+from headmaster.learning import (Learned, confirmable, correction_counts, ensure_schema, is_correction, learn,
+                                 rank_uncertain)
 from headmaster.pipeline import hash_paths
 from headmaster.pipeline import embed_paths
 from headmaster.sorting import load_trained
@@ -95,6 +96,9 @@ class Daemon:
         self._trained: dict[str, tuple[tuple[int, int], TrainedHead, Model]] = {}
         self._told: set[str] = set()  # messages logged once until the situation changes
         self._lock_fd: int | None = None
+        self.web = None  # the review page's server (headmaster.web.server.WebServer), when [web] enabled
+        self.review = None
+        self.web_error: str | None = None
 
     # -- life cycle -------------------------------------------------------------------
     def run(self) -> int:
@@ -152,6 +156,7 @@ class Daemon:
         logger.info("hmd {} started: workspace {}, inbox {}, socket {}", os.getpid(), self.ws.root, self.inbox_dir,
                     self.socket_path)
         self.tasks.put(Task("startup"))
+        self._start_web()
 
     def stop(self) -> None:
         """Finish the file operation in flight, then stop everything (well within 10 s)."""
@@ -162,6 +167,7 @@ class Daemon:
             self.observer.stop()
         if self.server is not None:
             self.server.stop()
+        self._stop_web()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         self.tasks.put(_STOP)
@@ -200,6 +206,35 @@ class Daemon:
 
         self.scheduler.add_job(ping, "interval", seconds=interval, id="watchdog")
         logger.info("systemd watchdog: pinging every {:.1f}s", interval)
+
+    # -- the review page (headmaster/web), served from its own thread ----------------------
+    def _start_web(self) -> None:
+        web = self.config.web
+        if not web.enabled:
+            return
+        from headmaster.daemon.review import DaemonReview
+        from headmaster.web.server import WebError, WebServer
+
+        try:
+            self.review = DaemonReview(self)
+            self.web = WebServer(self.review, web.listen, web.token)
+            url = self.web.start()
+        except (WebError, OSError) as e:  # the daemon's sorting matters more than its page: go on without it
+            self.web_error = str(e)
+            logger.error("review page not served: {}", e)
+            return
+        logger.info("review page: {}", url)
+
+    def _stop_web(self) -> None:
+        if self.web is not None:
+            self.web.stop()
+        if self.review is not None:
+            self.review.close()
+
+    def _web_status(self) -> dict[str, Any] | None:
+        if self.web is not None:
+            return self.web.info()
+        return {"error": self.web_error} if self.web_error else None
 
     # -- config -----------------------------------------------------------------------
     def reload(self) -> dict[str, Any]:
@@ -423,16 +458,19 @@ class Daemon:
                 continue
             self._teach(head, bucket, path, hash_, "correction")
 
-    def _teach(self, head: str, bucket: str, path: Path, hash_: str, kind: str) -> None:
-        learned = learn(self.ctx.store, self.ws, head, bucket, path, hash_, kind)
+    def _teach(self, head: str, bucket: str, path: Path, hash_: str, kind: str, store: Store | None = None
+               ) -> Learned:
+        """Learn one example; `store`: the caller's connection (the review page teaches from its own thread)."""
+        learned = learn(store or self.ctx.store, self.ws, head, bucket, path, hash_, kind)
         if learned.action == "unchanged":
-            return
+            return learned
         was = f" (was {learned.previous})" if learned.previous and learned.previous != bucket else ""
         logger.info("learned from {}: {} is {}{} -> {} example {}", kind, path.name, bucket, was, learned.action,
                     learned.example.relative_to(self.ws.heads_dir))
         with self.state.lock:
             self.state.head(head).corrections += 1
         self._mark_dirty(head)
+        return learned
 
     def _confirm(self) -> None:
         """Confident sorts the user left alone for confirm_after_days become examples too."""
@@ -660,15 +698,8 @@ class Daemon:
                         "training": h.training, "error": h.last_error or ck.get("error"),
                         "corrections": h.corrections}
             heads[name] = {
-                "type": ck.get("type", labelled.head_type),
-                "buckets": {b.name: len(b.images) for b in labelled.buckets},
-                "images": labelled.image_count,
-                "trained": "type" in ck,
-                "last_trained": ck.get("created_at"),
-                "model": ck.get("model"),
+                **head_fields(labelled, ck),
                 **info,
-                "threshold": ck.get("threshold"),
-                "metrics": ck.get("metrics", {}),
                 "waiting": len(inbox_files(self.inbox_dir / name)),
                 "examples_from_corrections": learned.get(name, {}).get("examples", 0),
             }
@@ -689,6 +720,7 @@ class Daemon:
             "inbox": {"path": str(self.inbox_dir), "queued": self._queued_total(), **counters},
             "settling": len(self.settler),
             "queued_tasks": self.tasks.qsize(),
+            "web": self._web_status(),
             **extra,
         }
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from headmaster.errors import HeadmasterError
 from headmaster.heads import read_checkpoint
-from headmaster.workspace import Workspace
+from headmaster.workspace import LabelledSet, Workspace
 
 
 @dataclass
@@ -151,9 +151,26 @@ class CheckpointCache:
             summary = {"error": str(e)}
         else:
             meta = ck.get("metadata", {})
-            summary = {"type": ck["type"], "model": ck["model"], "classes": list(ck["classes"]),
+            summary = {"type": ck["type"], "kind": ck.get("kind", "mlp"), "model": ck["model"],
+                       "classes": list(ck["classes"]),
                        "threshold": ck.get("threshold"), "created_at": meta.get("created_at"),
                        "metrics": meta.get("metrics", {})}
         with self.lock:
             self.entries[path] = (key, summary)
         return summary
+
+
+def head_fields(labelled: LabelledSet, ck: dict) -> dict:
+    """What a status answer says about one head: its buckets and its checkpoint summary (`CheckpointCache`)."""
+    return {
+        "type": ck.get("type", labelled.head_type),
+        "kind": ck.get("kind"),
+        "buckets": {b.name: len(b.images) for b in labelled.buckets},
+        "images": labelled.image_count,
+        "trained": "type" in ck,
+        "last_trained": ck.get("created_at"),
+        "model": ck.get("model"),
+        "threshold": ck.get("threshold"),
+        "metrics": ck.get("metrics", {}),
+        "error": ck.get("error"),
+    }

@@ -31,7 +31,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from headmaster.fileops import TEMP_PREFIX
-from headmaster.workspace import is_image_name
+from headmaster.workspace import NOT_BUCKET_PREFIXES, is_image_name
 
 # Names browsers and sync tools give files while they are still arriving.
 PARTIAL_SUFFIXES = (".part", ".partial", ".crdownload", ".download", ".tmp", ".swp")
@@ -171,6 +171,11 @@ def _parts(path: Path, root: Path) -> tuple[str, ...] | None:
         return None
 
 
+def _is_example(parts: tuple[str, ...]) -> bool:
+    """heads/<head>/<bucket>/<image>, where <bucket> is a bucket (not _excluded/ or another _ or . folder)."""
+    return len(parts) == 3 and not parts[1].startswith(NOT_BUCKET_PREFIXES) and is_image_name(parts[2])
+
+
 class WorkspaceHandler(FileSystemEventHandler):
     """Sorts raw watchdog events into heads/, inbox/ and out/ changes."""
 
@@ -206,7 +211,7 @@ class WorkspaceHandler(FileSystemEventHandler):
             if is_dir:
                 if len(parts) <= 2:
                     self.sink.head_changed(parts[0], path)
-            elif len(parts) == 3 and is_image_name(parts[2]):
+            elif _is_example(parts):
                 self.sink.example_changed(parts[0], path, writing)
         elif (parts := _parts(path, self.inbox_dir)) is not None:
             if is_dir and len(parts) == 1 and not parts[0].startswith("."):
@@ -221,7 +226,7 @@ class WorkspaceHandler(FileSystemEventHandler):
 
     def _closed(self, path: Path) -> None:
         if (parts := _parts(path, self.heads_dir)) is not None:
-            if len(parts) == 3 and is_image_name(parts[2]):
+            if _is_example(parts):
                 self.sink.example_closed(parts[0], path)
         elif (parts := _parts(path, self.inbox_dir)) is not None:
             if len(parts) == 2 and is_candidate_name(parts[1]):
@@ -243,7 +248,7 @@ class WorkspaceHandler(FileSystemEventHandler):
         if (parts := _parts(path, self.heads_dir)) is not None:
             if is_dir and len(parts) <= 2:
                 self.sink.head_changed(parts[0], None)
-            elif len(parts) == 3 and is_image_name(parts[2]):
+            elif _is_example(parts):
                 self.sink.example_removed(parts[0], path)
         elif (parts := _parts(path, self.inbox_dir)) is not None and len(parts) >= 1:
             self.sink.inbox_removed(path)

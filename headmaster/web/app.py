@@ -1,0 +1,259 @@
+"""The review page: Starlette routes over a ReviewBackend, Jinja templates, a few KB of JS.
+
+Every page has a JSON twin (`/heads/colour` and `/heads/colour.json`). State changes are
+POSTs under /api/ (the guard checks their CSRF token); images are named by content hash.
+Nothing here imports torch or the model code: the backend does the heavy work.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from pathlib import Path
+from typing import Any, Callable
+
+from jinja2 import Environment, FileSystemLoader, Undefined, select_autoescape
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from headmaster.errors import HeadmasterError
+from headmaster.web.backend import HASH_ID, Action, Item, NotFound, ReviewBackend
+from headmaster.web.security import SECURITY_HEADERS, Guard, GuardMiddleware
+from headmaster.web.thumbnails import THUMBS_DIR, ThumbnailError, cached_thumbnail
+
+HERE = Path(__file__).parent
+QUEUE_PAGE = 60  # images rendered with the page; the script fetches more as the queue empties
+SUSPECTS_PAGE = 20  # as `hm suspects --limit`
+MAX_LIMIT = 1000
+KEYS = "123456789"
+IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
+               ".gif": "image/gif", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff"}
+
+
+def create_app(backend: ReviewBackend, guard: Guard) -> Callable:
+    """The ASGI app: routes behind the guard (Host, token and CSRF checks)."""
+    env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
+    env.filters["pct"] = lambda v: "—" if _missing(v) else f"{100 * float(v):.0f}%"
+    env.filters["num"] = lambda v, d=2: "—" if _missing(v) else f"{float(v):.{d}f}"
+    thumbs = backend.workspace_root / THUMBS_DIR
+
+    def page(name: str, request: Request, **context: Any) -> HTMLResponse:
+        html = env.get_template(name).render(request=request, csrf=guard.csrf, daemon=context.pop("daemon", False),
+                                             **context)
+        return HTMLResponse(html)
+
+    def head_status(head: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        status = backend.status()
+        if head not in status["heads"]:
+            raise NotFound(f"unknown head '{head}'")
+        return status, status["heads"][head]
+
+    def buckets_of(info: dict[str, Any]) -> list[dict[str, str]]:
+        return [{"name": b, "key": KEYS[i] if i < len(KEYS) else ""} for i, b in enumerate(info["buckets"])]
+
+    # -- pages and their JSON twins ----------------------------------------------------------
+    def overview(request: Request) -> Response:
+        status = backend.status()
+        return page("overview.html", request, status=status, daemon=status["daemon"])
+
+    def overview_json(request: Request) -> Response:
+        return JSONResponse(backend.status())
+
+    def review(request: Request, view: str) -> tuple[dict, dict, list[Item]]:
+        head = request.path_params["head"]
+        status, info = head_status(head)
+        limit = _limit(request, QUEUE_PAGE if view == "queue" else SUSPECTS_PAGE)
+        items = backend.queue(head, limit) if view == "queue" else backend.suspects(head, limit)
+        return status, info, items
+
+    def review_page(view: str) -> Callable[[Request], Response]:
+        def endpoint(request: Request) -> Response:
+            error = None
+            try:
+                status, info, items = review(request, view)
+            except HeadmasterError as e:  # e.g. too few images to score suspects: say so on the page
+                status, info = head_status(request.path_params["head"])
+                items, error = [], str(e)
+            return page("review.html", request, head=request.path_params["head"], info=info, items=items,
+                        view=view, buckets=buckets_of(info), daemon=status["daemon"], error=error)
+        return endpoint
+
+    def review_json(view: str) -> Callable[[Request], Response]:
+        def endpoint(request: Request) -> Response:
+            _, info, items = review(request, view)
+            return JSONResponse({"head": request.path_params["head"], "view": view, "status": info,
+                                 "buckets": list(info["buckets"]), "items": [i.to_dict() for i in items]})
+        return endpoint
+
+    def cards(request: Request) -> Response:
+        view = request.query_params.get("view", "queue")
+        if view not in ("queue", "suspects"):
+            raise NotFound(f"unknown view {view!r}")
+        _, info, items = review(request, view)
+        return HTMLResponse(env.get_template("cards.html").render(items=items, buckets=buckets_of(info), view=view))
+
+    def details(request: Request) -> Response:
+        head = request.path_params["head"]
+        d = backend.details(head)
+        return page("details.html", request, head=head, info=d["status"], figures=d["evaluation"],
+                    buckets=buckets_of(d["status"]), daemon=backend.status()["daemon"])
+
+    def details_json(request: Request) -> Response:
+        return JSONResponse(backend.details(request.path_params["head"]))
+
+    # -- images ------------------------------------------------------------------------------
+    def thumbnail(request: Request) -> Response:
+        id_ = _id(request.path_params["id"])
+        source = backend.image_path(id_)
+        try:
+            path = cached_thumbnail(thumbs, id_, source)
+        except ThumbnailError as e:
+            raise NotFound(str(e)) from None
+        return FileResponse(path, media_type="image/jpeg", headers={"cache-control": "private, max-age=86400"})
+
+    def image(request: Request) -> Response:
+        id_ = _id(request.path_params["id"])
+        source = backend.image_path(id_)
+        kind = IMAGE_TYPES.get(source.suffix.lower()) or mimetypes.guess_type(source.name)[0]
+        if kind is None:
+            raise NotFound("not an image")
+        return FileResponse(source, media_type=kind, headers={"cache-control": "private, max-age=60"})
+
+    # -- actions (POST, CSRF-checked by the guard) ---------------------------------------------
+    async def label(request: Request) -> Response:
+        body = await _json(request)
+        action = await _threaded(backend.label, _str(body, "head"), _id(_str(body, "id")), _str(body, "bucket"))
+        return JSONResponse({"action": action.to_dict()})
+
+    async def exclude(request: Request) -> Response:
+        body = await _json(request)
+        action = await _threaded(backend.exclude, _str(body, "head"), _id(_str(body, "id")))
+        return JSONResponse({"action": action.to_dict()})
+
+    async def undo(request: Request) -> Response:
+        action: Action | None = await _threaded(backend.undo)
+        if action is None:
+            return JSONResponse({"action": None})
+        item = backend.restore_item(action)
+        card = None
+        if item is not None:
+            info = (await _threaded(head_status, item.head))[1]
+            view = "suspects" if item.where == "example" else "queue"
+            card = env.get_template("cards.html").render(items=[item], buckets=buckets_of(info), view=view)
+        return JSONResponse({"action": action.to_dict(), "card": card})
+
+    async def evaluate(request: Request) -> Response:
+        figures = await _threaded(backend.evaluate, request.path_params["head"])
+        return JSONResponse(figures)
+
+    routes = [
+        Route("/", overview),
+        Route("/index.json", overview_json),
+        Route("/heads/{head}.json", review_json("queue")),
+        Route("/heads/{head}", review_page("queue")),
+        Route("/heads/{head}/suspects.json", review_json("suspects")),
+        Route("/heads/{head}/suspects", review_page("suspects")),
+        Route("/heads/{head}/cards", cards),
+        Route("/heads/{head}/details.json", details_json),
+        Route("/heads/{head}/details", details),
+        Route("/heads/{head}/evaluate", evaluate, methods=["POST"]),
+        Route("/thumbs/{id}.jpg", thumbnail),
+        Route("/images/{id}", image),
+        Route("/api/label", label, methods=["POST"]),
+        Route("/api/exclude", exclude, methods=["POST"]),
+        Route("/api/undo", undo, methods=["POST"]),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+    app = Starlette(routes=routes, exception_handlers={NotFound: _not_found, HTTPException: _http_error,
+                                                       HeadmasterError: _refused})
+    return GuardMiddleware(_SecurityHeaders(app), guard)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or isinstance(value, Undefined)
+
+
+class _SecurityHeaders:
+    """CSP and friends on every response (no inline script, nothing from other origins)."""
+
+    def __init__(self, app: Callable):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        async def with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers if scope["type"] == "http" else send)
+
+
+async def _threaded(fn: Callable, *args: Any) -> Any:
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(fn, *args)
+
+
+def _wants_json(request: Request) -> bool:
+    return request.url.path.endswith(".json") or request.url.path.startswith("/api/") or \
+        "application/json" in request.headers.get("accept", "")
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    if _wants_json(request):
+        return JSONResponse({"error": str(exc)}, status_code=404)
+    return HTMLResponse(f"<!doctype html><title>Not found</title><p>{_escape(str(exc))}</p>"
+                        f"<p><a href=\"/\">All heads</a></p>", status_code=404)
+
+
+async def _refused(request: Request, exc: Exception) -> Response:
+    """What the backend cannot do (a head not trained yet, a file that vanished): 409 with the reason."""
+    return await _http_error(request, HTTPException(409, str(exc)))
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    if _wants_json(request):
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+    return HTMLResponse(f"<!doctype html><title>{exc.status_code}</title><p>{_escape(str(exc.detail))}</p>",
+                        status_code=exc.status_code)
+
+
+def _escape(text: str) -> str:
+    from html import escape
+
+    return escape(text)
+
+
+def _limit(request: Request, default: int) -> int:
+    raw = request.query_params.get("limit")
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise HTTPException(400, f"limit must be a whole number from 1 to {MAX_LIMIT}")
+    return int(raw)
+
+
+def _id(value: str) -> str:
+    if not HASH_ID.match(value):
+        raise NotFound(f"no image {value[:80]!r}")
+    return value
+
+
+async def _json(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise HTTPException(400, "the body must be JSON") from None
+    if not isinstance(body, dict):
+        raise HTTPException(400, "the body must be a JSON object")
+    return body
+
+
+def _str(body: dict[str, Any], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value:
+        raise HTTPException(400, f"'{key}' must be a non-empty string")
+    return value

@@ -1,0 +1,92 @@
+"""What the review page needs from whoever runs it: the daemon (hmd) or `hm serve`.
+
+The web package talks to the heads only through this interface, so serving a page never
+imports torch or the model code: `headmaster.review` implements it in-process, the daemon
+implements it on its worker thread (headmaster/daemon/review.py).
+Images are named by content hash (SHA-256 hex), never by a path from the request.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+HASH_ID = re.compile(r"^[0-9a-f]{64}$")
+EXCLUDED = "_excluded"  # heads/<head>/_excluded/: taken out of training, never deleted
+
+
+class NotFound(LookupError):
+    """An unknown head, image id or bucket: the page answers 404."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image on the page, with what the head thinks of it."""
+
+    id: str  # content hash
+    head: str
+    name: str  # file name
+    where: str  # 'uncertain' (classified/<head>/uncertain/), 'sorted' (a recent sort) or 'example' (heads/)
+    bucket: str | None  # the bucket it is in now (None in uncertain/)
+    guess: str | None  # the head's best guess
+    score: float | None  # probability of the guess (suspects: of the image's own bucket)
+    margin: float | None = None  # distance from the decision boundary (uncertain only)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Action:
+    """One labelling step, as the undo stack keeps it."""
+
+    kind: str  # 'label' (classified/ move that teaches), 'move' (example to another bucket) or 'exclude'
+    head: str
+    id: str
+    name: str
+    bucket: str  # where it went
+    source: str  # where it was (relative to the workspace)
+    destination: str  # where it is now (relative to the workspace)
+    learned: str | None = None  # 'added', 'moved', 'unchanged' when a correction became an example
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ReviewBackend(Protocol):
+    """Everything the page reads and changes. Calls may block; the app runs them off its event loop."""
+
+    @property
+    def workspace_root(self) -> Path: ...
+
+    def status(self) -> dict[str, Any]:
+        """{'daemon': bool, 'heads': {name: {...}}, 'inbox': {...} | None, ...}: never waits for a model."""
+
+    def queue(self, head: str, limit: int) -> list[Item]:
+        """classified/<head>/uncertain/ closest to the boundary first, then recent sorts."""
+
+    def suspects(self, head: str, limit: int) -> list[Item]:
+        """Training images their own bucket fits worst (out-of-fold), most suspect first."""
+
+    def details(self, head: str) -> dict[str, Any]:
+        """Checkpoint metrics, and the evaluation figures when they have been computed."""
+
+    def evaluate(self, head: str) -> dict[str, Any]:
+        """Compute the evaluation figures now (test-set confusion matrix, repeated splits)."""
+
+    def label(self, head: str, id: str, bucket: str) -> Action:
+        """Put the image into `bucket`: a queue image teaches the head, an example moves bucket."""
+
+    def exclude(self, head: str, id: str) -> Action:
+        """Take an example out of training, into heads/<head>/_excluded/."""
+
+    def undo(self) -> Action | None:
+        """Revert the last action (None when there is nothing to undo); returns the reverted action."""
+
+    def image_path(self, id: str) -> Path:
+        """Where the image with this id is now (NotFound for ids this backend never showed)."""
+
+    def restore_item(self, action: Action) -> Item | None:
+        """The item as it is again after `action` was undone (to put it back on the page)."""

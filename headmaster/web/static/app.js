@@ -1,0 +1,230 @@
+// headmaster review page: keyboard labelling, undo, live status. No dependencies, no build step.
+"use strict";
+(() => {
+  const body = document.body;
+  const csrf = document.querySelector('meta[name="csrf-token"]').content;
+  const head = body.dataset.head;
+  const view = body.dataset.view;
+  const grid = document.getElementById("grid");
+  const toastBox = document.getElementById("toast");
+  const REFILL_BELOW = 30;  // fetch more cards when fewer are left
+  const POLL_MS = 3000;
+  let chain = Promise.resolve();  // actions go to the server one after another, in order
+  let toastTimer = 0;
+  let refilling = false;
+  const handled = new Set();  // ids labelled on this page (never shown again, even if a refill races)
+
+  function toast(text, error) {
+    toastBox.textContent = text;
+    toastBox.className = "toast show" + (error ? " error" : "");
+    clearTimeout(toastTimer);
+    toastTimer = setTimeout(() => { toastBox.className = "toast"; }, error ? 5000 : 1800);
+  }
+
+  async function post(url, data) {
+    const r = await fetch(url, {method: "POST", headers: {"content-type": "application/json", "x-csrf-token": csrf},
+                                body: JSON.stringify(data || {}), credentials: "same-origin"});
+    const out = await r.json().catch(() => ({error: r.statusText}));
+    if (!r.ok) throw new Error(out.error || r.statusText);
+    return out;
+  }
+
+  // -- the review grid ------------------------------------------------------------------
+  const cards = () => grid ? Array.from(grid.querySelectorAll(".card:not(.leaving)")) : [];
+  const focused = () => grid && grid.querySelector(".card.focus");
+
+  function focus(card, scroll = true) {
+    const old = focused();
+    if (old) old.classList.remove("focus");
+    if (!card) return;
+    card.classList.add("focus");
+    if (scroll) card.scrollIntoView({block: "nearest"});
+  }
+
+  function counts() {
+    const left = document.getElementById("left");
+    const n = cards().length;
+    if (left) left.textContent = n;
+    const empty = document.getElementById("empty");
+    if (empty) empty.hidden = n > 0;
+  }
+
+  function columns() {
+    const all = cards();
+    if (all.length < 2) return 1;
+    const top = all[0].offsetTop;
+    const i = all.findIndex(c => c.offsetTop !== top);
+    return i < 0 ? all.length : i;
+  }
+
+  function move(step) {
+    const all = cards();
+    if (!all.length) return;
+    const i = Math.max(0, all.indexOf(focused()));
+    focus(all[Math.min(all.length - 1, Math.max(0, i + step))]);
+  }
+
+  function take(card, text) {
+    // the card leaves at once; the server works through the chain behind it
+    const all = cards();
+    const next = all[all.indexOf(card) + 1] || all[all.indexOf(card) - 1];
+    handled.add(card.dataset.id);
+    card.classList.add("leaving");
+    card.classList.remove("focus");
+    setTimeout(() => card.remove(), 150);
+    focus(next);
+    toast(text);
+    counts();
+    if (view === "queue" && cards().length < REFILL_BELOW) refill();  // suspects: the worst 20 are the list
+  }
+
+  function act(card, url, data, text) {
+    if (!card) return;
+    performance.mark("hm-action");  // timings for DevTools and bench/review_page.py
+    take(card, text);
+    chain = chain.then(() => post(url, data)).then(() => performance.mark("hm-action-done")).catch(err => {
+      toast(err.message, true);
+      handled.delete(card.dataset.id);
+      card.classList.remove("leaving");
+      grid.prepend(card);
+      focus(card);
+      counts();
+    });
+  }
+
+  function label(card, bucket) {
+    if (!card || !bucket) return;
+    act(card, "/api/label", {head, id: card.dataset.id, bucket}, `${bucket} ← ${card.querySelector(".name").textContent}`);
+  }
+
+  function exclude(card) {
+    if (!card || view !== "suspects") return;
+    act(card, "/api/exclude", {head, id: card.dataset.id}, `excluded ${card.querySelector(".name").textContent}`);
+  }
+
+  function undo() {
+    chain = chain.then(() => post("/api/undo")).then(out => {
+      if (!out.action) { toast("Nothing to undo"); return; }
+      const a = out.action;
+      handled.delete(a.id);
+      const old = grid.querySelector(`.card[data-id="${a.id}"]`);
+      if (old) old.remove();
+      if (out.card && a.head === head) {
+        const t = document.createElement("template");
+        t.innerHTML = out.card.trim();
+        const card = t.content.firstElementChild;
+        if (card.dataset.where === "example" && view !== "suspects") return;
+        grid.prepend(card);
+        focus(card);
+      }
+      counts();
+      toast(`undone: ${a.name} is back in ${a.source.split("/").slice(-2, -1)[0]}`);
+    }).catch(err => toast(err.message, true));
+  }
+
+  async function refill() {
+    if (refilling || !grid) return;
+    refilling = true;
+    try {
+      const r = await fetch(`/heads/${encodeURIComponent(head)}/cards?view=${view}&limit=120`, {credentials: "same-origin"});
+      if (!r.ok) return;
+      const t = document.createElement("template");
+      t.innerHTML = await r.text();
+      const shown = new Set(Array.from(grid.querySelectorAll(".card")).map(c => c.dataset.id));
+      for (const card of Array.from(t.content.querySelectorAll(".card"))) {
+        if (!shown.has(card.dataset.id) && !handled.has(card.dataset.id)) grid.append(card);
+      }
+      if (!focused()) focus(cards()[0]);
+      counts();
+    } finally {
+      refilling = false;
+    }
+  }
+
+  if (grid) {
+    const names = {};  // key -> bucket, from the legend (it lists every bucket even when the grid is empty)
+    document.querySelectorAll("#legend [data-key]").forEach(h => { names[h.dataset.key] = h.dataset.bucket; });
+    focus(cards()[0], false);
+    counts();
+
+    document.addEventListener("keydown", e => {
+      if (e.ctrlKey || e.metaKey || e.altKey || e.target.matches("input, textarea, select")) return;
+      const k = e.key;
+      if (names[k]) label(focused(), names[k]);
+      else if (k === "u" || k === "U") undo();
+      else if (k === "x" || k === "X") exclude(focused());
+      else if (k === "ArrowRight" || k === "l") move(1);
+      else if (k === "ArrowLeft" || k === "h") move(-1);
+      else if (k === "ArrowDown" || k === "j") move(columns());
+      else if (k === "ArrowUp" || k === "k") move(-columns());
+      else return;
+      e.preventDefault();
+    });
+
+    const undoButton = document.getElementById("undo");
+    if (undoButton) undoButton.addEventListener("click", undo);
+
+    grid.addEventListener("click", e => {
+      const card = e.target.closest(".card");
+      if (!card) return;
+      const button = e.target.closest("button");
+      if (button && button.dataset.bucket) label(card, button.dataset.bucket);
+      else if (button && button.dataset.exclude) exclude(card);
+      else if (!e.target.closest("a")) focus(card);
+    });
+  }
+
+  // -- details: compute the evaluation figures --------------------------------------------
+  const evaluate = document.getElementById("evaluate");
+  if (evaluate) {
+    evaluate.addEventListener("click", async () => {
+      evaluate.disabled = true;
+      evaluate.textContent = "Computing…";
+      try {
+        await post(`/heads/${encodeURIComponent(head)}/evaluate`);
+        await swapMain();
+      } catch (err) {
+        toast(err.message, true);
+        evaluate.disabled = false;
+        evaluate.textContent = "Compute now";
+      }
+    });
+  }
+
+  // -- live status ------------------------------------------------------------------------
+  async function swapMain() {
+    // the overview and details pages are re-rendered by the server and swapped in place
+    const r = await fetch(location.pathname, {credentials: "same-origin"});
+    if (!r.ok) return;
+    const doc = new DOMParser().parseFromString(await r.text(), "text/html");
+    const fresh = doc.getElementById("main");
+    if (fresh) document.getElementById("main").replaceWith(fresh);
+  }
+
+  let lastSeen = null;
+  let lastUncertain = null;
+  async function poll() {
+    try {
+      const r = await fetch("/index.json", {credentials: "same-origin"});
+      if (!r.ok) return;
+      const s = await r.json();
+      const activity = document.querySelector('[data-live="activity"]');
+      if (activity) activity.textContent = s.activity || "";
+      const h = head && s.heads[head];
+      if (h) {
+        const set = (key, value) => document.querySelectorAll(`[data-live="${key}"]`).forEach(el => { el.textContent = value; });
+        if (h.retrains !== undefined) set("retrains", h.retrains);
+        set("last_trained", (h.last_trained || "never").slice(0, 16).replace("T", " "));
+        const pending = document.querySelector('[data-live="pending"]');
+        if (pending) pending.hidden = !(h.pending_retrain || h.training);
+        if (view === "queue" && lastUncertain !== null && h.uncertain > lastUncertain) refill();  // hmd sorted more
+        lastUncertain = h.uncertain;
+      }
+      const key = JSON.stringify(s.heads);
+      if (body.dataset.page === "overview" && lastSeen !== null && key !== lastSeen) await swapMain();
+      lastSeen = key;
+    } catch (err) { /* the server restarts: try again next time */ }
+  }
+  poll();
+  setInterval(poll, POLL_MS);
+})();
