@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable
 import click
 
 from headmaster import checkpoints, registry
+from headmaster.backends import BACKENDS
 from headmaster.context import Context, EmbedOptions
 from headmaster.errors import HeadmasterError
 from headmaster.labels import import_labels as import_labels_fn, read_label_csv
@@ -104,7 +105,24 @@ def user_errors(fn: Callable) -> Callable:
 
 
 def embed_options(fn: Callable) -> Callable:
-    """--device, --batch-size, --workers: shared by every command that embeds."""
+    """--device, --batch-size, --workers, --backend: shared by every command that embeds.
+
+    --backend is handed to `_context` through the click context's obj, so commands keep their signatures.
+    """
+
+    command = fn
+
+    @functools.wraps(command)
+    @user_errors  # a bad config file is one line, like every user error
+    def with_backend(*args, backend=None, **kwargs):
+        obj = click.get_current_context().find_root().obj
+        obj["backend"] = backend or _config_backend(obj)
+        return command(*args, **kwargs)
+
+    fn = click.option("--backend", type=click.Choice(BACKENDS), default=None,
+                      help="Engine of the forward pass: auto (ONNX Runtime on a CPU when the model exports "
+                           "cleanly, else PyTorch), torch or onnxruntime (default: [embedding] backend in "
+                           "config.toml, else auto).")(with_backend)
     fn = click.option("--workers", type=click.IntRange(min=1), default=None,
                       help="Decode threads (default: one per core; at most 8 on CPU).")(fn)
     fn = click.option("--batch-size", type=click.IntRange(min=1), default=None,
@@ -115,7 +133,15 @@ def embed_options(fn: Callable) -> Callable:
 
 
 def _context(obj: dict, device=None, batch_size=None, workers=None) -> Context:
-    return Context.open(obj.get("workspace"), EmbedOptions(device, batch_size, workers, obj.get("progress")))
+    return Context.open(obj.get("workspace"), EmbedOptions(device, batch_size, workers, obj.get("progress"),
+                                                           obj.get("backend")))
+
+
+def _config_backend(obj: dict) -> str:
+    """The config file's [embedding] backend, else auto."""
+    from headmaster.config import load_config
+
+    return load_config(workspace=obj.get("workspace")).embedding.backend
 
 
 def _print_skipped(skipped: list[Skipped], root: Path) -> None:

@@ -57,12 +57,18 @@ class LearningConfig:
 
 
 @dataclass
+class EmbeddingConfig:
+    backend: str = "auto"  # auto, torch or onnxruntime (headmaster.backends); --backend overrides it
+
+
+@dataclass
 class Config:
     workspace: str = ""  # "": $HEADMASTER_WORKSPACE, else ./workspace; relative to the config file's folder
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     inbox: InboxConfig = field(default_factory=InboxConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     learning: LearningConfig = field(default_factory=LearningConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     source: Path | None = field(default=None, compare=False)  # the file it came from, if any
 
     # -- resolved paths -----------------------------------------------------------
@@ -106,7 +112,7 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {"daemon": DaemonConfig, "inbox": InboxConfig, "training": TrainingConfig,
-                             "learning": LearningConfig}
+                             "learning": LearningConfig, "embedding": EmbeddingConfig}
 TYPE_NAMES = {str: "a string", float: "a number", int: "an integer", bool: "true or false"}
 
 
@@ -171,6 +177,11 @@ def _check_values(config: Config, where: str) -> None:
         raise HeadmasterError(f"{where}: 'training.epochs' must be at least 1, got {t.epochs}")
     if t.lr <= 0:
         raise HeadmasterError(f"{where}: 'training.lr' must be above 0, got {t.lr}")
+    from headmaster.backends import BACKENDS
+
+    if config.embedding.backend not in BACKENDS:
+        raise HeadmasterError(f"{where}: 'embedding.backend' must be one of {', '.join(BACKENDS)}, "
+                              f"got {config.embedding.backend!r}")
     if config.learning.confirm_after_days < 0:
         raise HeadmasterError(f"{where}: 'learning.confirm_after_days' must be 0 or more, "
                               f"got {config.learning.confirm_after_days}")
