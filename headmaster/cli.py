@@ -77,6 +77,7 @@ source_images = lazy("headmaster.sorting", "source_images")
 embed_heads = lazy("headmaster.training", "embed_heads")
 head_names = lazy("headmaster.training", "head_names")
 train_one = lazy("headmaster.training", "train_one")
+export_onnx = lazy("headmaster.onnx.export", "export_onnx")
 
 
 def _err(message: str) -> None:
@@ -456,14 +457,35 @@ def confusion_matrix_cmd(obj, head, test_dir, extended, plot, device, batch_size
 # -- checkpoints ----------------------------------------------------------------
 
 @cli.command()
-@click.option("--dest", required=True, type=click.Path(), help="Folder to copy checkpoints into.")
+@click.option("--dest", required=True, type=click.Path(), help="Folder to write into (created if needed).")
+@click.option("--format", "fmt", type=click.Choice(["checkpoints", "onnx"]), default="checkpoints",
+              show_default=True,
+              help="checkpoints: copy the .pt files. onnx: one classifier.onnx (backbone and heads, runs with "
+                   "onnxruntime alone) and classifier.json (preprocessing, classes, thresholds).")
+@click.option("--heads", default=None, metavar="A,B,C",
+              help="onnx: the heads to include (default: every head trained with the active model).")
+@click.option("--check", is_flag=True,
+              help="onnx: run the file on a few images of each head and compare with headmaster's scores.")
 @click.pass_obj
 @user_errors
-def export(obj, dest) -> None:
-    """Copy all checkpoints to a folder."""
-    with _context(obj) as c:
-        copied = checkpoints.export_checkpoints(c.workspace, Path(dest))
-    click.echo(f"Exported {len(copied)} checkpoint(s) to {dest}")
+def export(obj, dest, fmt, heads, check) -> None:
+    """Copy all checkpoints to a folder, or export a standalone ONNX classifier (--format onnx)."""
+    if fmt != "onnx":
+        if heads or check:
+            raise HeadmasterError("--heads and --check apply to --format onnx")
+        with _context(obj) as c:
+            copied = checkpoints.export_checkpoints(c.workspace, Path(dest))
+        click.echo(f"Exported {len(copied)} checkpoint(s) to {dest}")
+        return
+    names = _head_list(None, heads) if heads is not None else None
+    with _context(obj, device="cpu", batch_size=None, workers=None) as c:
+        report = export_onnx(c, Path(dest), names, check)
+    for head in report.skipped_heads:
+        _warn(f"head '{head}' left out: trained with another model than the active '{report.model.name}'")
+    for chk in report.checks:
+        click.echo(f"Checked {chk.head}: {chk.images} images, largest probability difference {chk.max_diff:.1e}")
+    click.echo(f"Exported {', '.join(report.heads)} with {report.model.name} to {_shown(report.onnx_path)} "
+               f"({report.size_bytes / 1e6:.1f} MB) and {_shown(report.json_path)} in {report.seconds:.1f}s")
 
 
 @cli.command()
