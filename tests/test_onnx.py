@@ -235,31 +235,31 @@ def _rows(text: str) -> dict[str, dict[str, str]]:
     return {r["image"]: r for r in csv.DictReader(io.StringIO(text))}
 
 
-def test_cli_export_example_and_torch_free_classify(workspace, clip_path, tmp_path):
-    src = _two_heads(workspace)
-    env = {"HM_TEST": "1"}
-    for args in (["model-add", "--name", "tiny-clip", "--path", str(clip_path), "--dim", "24"],
-                 ["train", "--epochs", "20", "--backend", "torch"]):
-        r = run_hm(args, workspace, extra_env=env)
-        assert r.returncode == 0, r.stderr
+def test_cli_export_example_and_torch_free_classify(clip_ctx, tmp_path):
+    ws = clip_ctx.workspace.root
+    src = _two_heads(ws)
+    for head in ("colour", "hue"):
+        train_one(clip_ctx, head, TrainConfig(epochs=20))
     export = tmp_path / "export"
-    r = run_hm(["export", "--dest", str(export), "--format", "onnx", "--heads", "colour,hue", "--check"], workspace)
+    r = run_hm(["export", "--dest", str(export), "--format", "onnx", "--heads", "colour,hue", "--check"], ws)
     assert r.returncode == 0, r.stderr
     assert "Checked colour" in r.stdout and "Checked hue" in r.stdout and (export / "classifier.onnx").is_file()
-    r = run_hm(["export", "--dest", str(export), "--check"], workspace)
+    r = run_hm(["export", "--dest", str(export), "--check"], ws)
     assert r.returncode == 1 and "--format onnx" in r.stderr
 
-    # hm classify with onnxruntime exports the backbone once; after that neither torch nor transformers loads
+    # with the backbone's export cached, hm classify and hm embed never import torch or transformers
+    model = clip_ctx.store.active_model()
+    assert backend_embedder(model, "onnxruntime", "cpu").backend == "onnxruntime"  # exports into the cache
+    expected = predict_heads(clip_ctx, ["colour", "hue"], source_images(src))
+    hm_env = dict(os.environ, HEADMASTER_WORKSPACE=str(ws), HF_HUB_OFFLINE="1")
     classify = ["classify", "--heads", "colour,hue", "--src", str(src), "--format", "csv", "--backend", "onnxruntime"]
-    first = run_hm(classify, workspace)
-    assert first.returncode == 0, first.stderr
-    hm_env = dict(os.environ, HEADMASTER_WORKSPACE=str(workspace), HF_HUB_OFFLINE="1")
     code = f"from headmaster.cli import cli\ncli({classify!r}, prog_name='hm')"
-    again = subprocess.run(blocked_python(code), capture_output=True, text=True, env=hm_env, timeout=120)
-    assert again.returncode == 0, again.stderr
-    assert again.stdout == first.stdout
-    # new images embed without torch too
-    fill_bucket(workspace / "heads" / "colour" / "red", "red", 2, 950)
+    classified = subprocess.run(blocked_python(code), capture_output=True, text=True, env=hm_env, timeout=120)
+    assert classified.returncode == 0, classified.stderr
+    theirs = _rows(classified.stdout)
+    for pred in expected.predictions:
+        assert theirs[pred.path.name]["hue_prediction"] == pred.decisions["hue"].bucket
+    fill_bucket(ws / "heads" / "colour" / "red", "red", 2, 950)
     code = "from headmaster.cli import cli\ncli(['embed', '--backend', 'onnxruntime'], prog_name='hm')"
     embedded = subprocess.run(blocked_python(code), capture_output=True, text=True, env=hm_env, timeout=120)
     assert embedded.returncode == 0 and "Embedded 2 images" in embedded.stdout, embedded.stderr
@@ -271,7 +271,7 @@ def test_cli_export_example_and_torch_free_classify(workspace, clip_path, tmp_pa
     out = subprocess.run(blocked_python(code, ("torch", "transformers", "headmaster")), capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    theirs, ours = _rows(first.stdout), _rows(out.stdout)
+    ours = _rows(out.stdout)
     assert set(ours) == set(theirs) and len(ours) == 9
     for image, row in theirs.items():
         for column, value in row.items():
