@@ -279,3 +279,28 @@ def test_cli_export_example_and_torch_free_classify(clip_ctx, tmp_path):
                 assert ours[image][column] == value, (image, column)
             else:
                 assert abs(float(ours[image][column]) - float(value)) <= 1.5e-4, (image, column)
+
+
+def test_config_backend_and_the_option_override_it(clip_ctx, monkeypatch):
+    from click.testing import CliRunner
+
+    from headmaster.cli import cli
+
+    ws = clip_ctx.workspace.root
+    fill_bucket(ws / "heads" / "colour" / "red", "red", 3)
+    fill_bucket(ws / "heads" / "colour" / "blue", "blue", 3, 50)
+    (ws / "config.toml").write_text('[embedding]\nbackend = "torch"\n')
+    monkeypatch.setenv("HEADMASTER_TIMINGS", "1")
+    monkeypatch.delenv("HEADMASTER_CONFIG", raising=False)
+
+    def embed(*args: str) -> dict:
+        r = CliRunner().invoke(cli, ["--workspace", str(ws), "--no-progress", "embed", *args])
+        assert r.exit_code == 0, r.output
+        return json.loads(next(l for l in r.stderr.splitlines() if l.startswith("timings "))[8:])
+
+    assert embed()["backend"] == "torch"  # from config.toml
+    fill_bucket(ws / "heads" / "colour" / "red", "red", 2, 80)
+    assert embed("--backend", "onnxruntime")["backend"] == "onnxruntime"
+    (ws / "config.toml").write_text('[embedding]\nbackend = "fastest"\n')
+    r = CliRunner().invoke(cli, ["--workspace", str(ws), "embed"])
+    assert r.exit_code == 1 and "'embedding.backend' must be one of auto, torch, onnxruntime" in r.output
