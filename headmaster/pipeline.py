@@ -72,7 +72,8 @@ class EmbedResult:
                 "hashed": self.hashed, "seconds": self.seconds, "embed_seconds": self.embed_seconds,
                 "load_seconds": self.load_seconds, "images_per_second": self.images_per_second,
                 "first_batch_seconds": self.first_batch_seconds, "first_batch_images": self.first_batch_images,
-                "batch_size": self.batch_size, "workers": self.workers, "torch_threads": torch.get_num_threads() if torch else None,
+                "batch_size": self.batch_size, "workers": self.workers,
+                "torch_threads": torch.get_num_threads() if torch else None,
                 "cpu_share": self.cpu_share, "backend": self.backend,
                 "peak_rss_mib": peak_rss_mib()}
 
