@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import logging
 import os
 import sys
 import time
@@ -165,6 +166,21 @@ def cli(ctx: click.Context, workspace: str | None, progress: bool | None) -> Non
     then classify new images.
     """
     ctx.obj = {"workspace": workspace, "progress": progress}
+    _library_warnings()
+
+
+class _WarningLine(logging.Handler):
+    """The library's warnings (e.g. why a model embeds with PyTorch, not ONNX Runtime) as `Warning: ...` lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _warn(record.getMessage())
+
+
+def _library_warnings() -> None:
+    logger = logging.getLogger("headmaster")
+    if not any(isinstance(h, _WarningLine) for h in logger.handlers):
+        handler = _WarningLine(logging.WARNING)
+        logger.addHandler(handler)
 
 
 # -- models ---------------------------------------------------------------------

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,6 +31,9 @@ from headmaster.head_arrays import cache_root
 from headmaster.onnx.preprocess import PreprocessSpec
 from headmaster.onnx.runtime import OrtEmbedder, cpu_session
 from headmaster.store import Model
+
+if TYPE_CHECKING:
+    from headmaster.embedders import Embedder
 
 EXPORT_VERSION = 1  # bump when the graph or the JSON changes: old exports are then made anew
 TOLERANCE = 1e-4  # probe check: largest vector difference, relative to the largest component (at least 1)
@@ -133,13 +137,23 @@ def export_backbone(model: Model) -> BackboneExport:
     A model that cannot be exported or fails the check gets a JSON saying why (so it is not tried
     again until its files change); a model that cannot be loaded at all raises HeadmasterError.
     """
+    from headmaster import embedders
+
+    key = (model.name, model.path, "cpu")
+    loaded_here = key not in embedders._CACHE
+    export = _export(model, embedders.get_embedder(model.name, model.path, model.embed_dim, "cpu"))
+    if export.ok and loaded_here:  # ONNX Runtime embeds from now on: no second copy of the model in memory
+        with embedders._CACHE_LOCK:
+            embedders._CACHE.pop(key, None)
+    return export
+
+
+def _export(model: Model, embedder: "Embedder") -> BackboneExport:
     import torch
 
-    from headmaster.embedders import get_embedder
     from headmaster.onnx.graph import BackboneVectors, export_module
     from headmaster.onnx.preprocess import spec_from_processor
 
-    embedder = get_embedder(model.name, model.path, model.embed_dim, "cpu")
     digest = fingerprint(model)
     if digest is None:
         raise HeadmasterError(f"model '{model.name}': cannot find its files to export ({model.path})")
