@@ -150,7 +150,11 @@ class ArrayHead(HeadRules):
 # -- the cache -----------------------------------------------------------------------------------------
 
 def cache_root() -> Path:
-    """$XDG_CACHE_HOME/headmaster (else ~/.cache/headmaster): exports and head arrays, safe to delete."""
+    """$HEADMASTER_CACHE_DIR, else $XDG_CACHE_HOME/headmaster, else ~/.cache/headmaster: exports and head
+    arrays, safe to delete."""
+    chosen = os.environ.get("HEADMASTER_CACHE_DIR")
+    if chosen:
+        return Path(chosen).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "headmaster"
 
