@@ -203,7 +203,8 @@ class HmRun:
 
 def run_hm_embed(workspace: Path, extra: list[str]) -> HmRun:
     env = dict(os.environ, HEADMASTER_WORKSPACE=str(workspace), HEADMASTER_TIMINGS="1")
-    cmd = [sys.executable, "-m", "headmaster.cli", "--no-progress", "embed", *extra]
+    # (a) is PyTorch's forward pass, so (c) runs on PyTorch too; bench/onnx_bench.py compares the backends
+    cmd = [sys.executable, "-m", "headmaster.cli", "--no-progress", "embed", "--backend", "torch", *extra]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT)

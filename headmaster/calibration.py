@@ -18,7 +18,7 @@ import numpy as np
 
 from headmaster.context import Context
 from headmaster.errors import HeadmasterError
-from headmaster.heads import BINARY_MARGIN, MULTICLASS_MIN_CONFIDENCE, binary_metrics, save_checkpoint
+from headmaster.heads import BINARY_MARGIN, MULTICLASS_MIN_CONFIDENCE, binary_metrics, read_checkpoint, save_checkpoint
 from headmaster.repeated import head_vectors, repeated_splits
 from headmaster.sorting import load_trained
 
@@ -150,7 +150,7 @@ def calibrate_head(ctx: Context, head: str, target_precision: float | None = Non
         raise HeadmasterError("--target-precision, --target-recall and --f1 are for binary heads; "
                               "multi-class heads take --min-confidence")
     oof = out_of_fold(hv.vectors, hv.labels, hv.classes, trained.kind, repeats, test_size, seed, head, model.name)
-    checkpoint = dict(trained.checkpoint)
+    checkpoint = read_checkpoint(ctx.workspace.checkpoint_path(head))  # the .pt with its weights, to rewrite
     if binary:
         cal = Calibration(oof, trained.threshold if trained.threshold is not None else 0.5,
                           threshold_rows(oof.labels, oof.probs[:, 1]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import logging
 import os
 import sys
 import time
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Callable
 import click
 
 from headmaster import checkpoints, registry
+from headmaster.backends import BACKENDS
 from headmaster.context import Context, EmbedOptions
 from headmaster.errors import HeadmasterError
 from headmaster.output import FORMATS, write_rows
@@ -79,6 +81,7 @@ embed_heads = lazy("headmaster.training", "embed_heads")
 import_labels_fn = lazy("headmaster.labels", "import_labels")
 read_label_csv = lazy("headmaster.labels", "read_label_csv")
 train_one = lazy("headmaster.training", "train_one")
+export_onnx = lazy("headmaster.onnx.export", "export_onnx")
 
 
 def _err(message: str) -> None:
@@ -107,7 +110,24 @@ def user_errors(fn: Callable) -> Callable:
 
 
 def embed_options(fn: Callable) -> Callable:
-    """--device, --batch-size, --workers: shared by every command that embeds."""
+    """--device, --batch-size, --workers, --backend: shared by every command that embeds.
+
+    --backend is handed to `_context` through the click context's obj, so commands keep their signatures.
+    """
+
+    command = fn
+
+    @functools.wraps(command)
+    @user_errors  # a bad config file is one line, like every user error
+    def with_backend(*args, backend=None, **kwargs):
+        obj = click.get_current_context().find_root().obj
+        obj["backend"] = backend or _config_backend(obj)
+        return command(*args, **kwargs)
+
+    fn = click.option("--backend", type=click.Choice(BACKENDS), default=None,
+                      help="Engine of the forward pass: auto (ONNX Runtime on a CPU when the model exports "
+                           "cleanly, else PyTorch), torch or onnxruntime (default: [embedding] backend in "
+                           "config.toml, else auto).")(with_backend)
     fn = click.option("--workers", type=click.IntRange(min=1), default=None,
                       help="Decode threads (default: one per core; at most 8 on CPU).")(fn)
     fn = click.option("--batch-size", type=click.IntRange(min=1), default=None,
@@ -118,7 +138,8 @@ def embed_options(fn: Callable) -> Callable:
 
 
 def _context(obj: dict, device=None, batch_size=None, workers=None) -> Context:
-    return Context.open(obj.get("workspace"), EmbedOptions(device, batch_size, workers, obj.get("progress")),
+    return Context.open(obj.get("workspace"), EmbedOptions(device, batch_size, workers, obj.get("progress"),
+                                                           obj.get("backend")),
                         notify=_note)
 
 
@@ -134,6 +155,13 @@ def _early_checks(obj: dict, existing: tuple[str, ...] = (), trained: tuple[str,
         ws.head(head)
     for head in trained:
         ws.trained_checkpoint(head)
+
+
+def _config_backend(obj: dict) -> str:
+    """The config file's [embedding] backend, else auto."""
+    from headmaster.config import load_config
+
+    return load_config(workspace=obj.get("workspace")).embedding.backend
 
 
 def _print_skipped(skipped: list[Skipped], root: Path) -> None:
@@ -157,6 +185,21 @@ def cli(ctx: click.Context, workspace: str | None, progress: bool | None) -> Non
     registered as `default` on first use. New here? Run `hm demo`.
     """
     ctx.obj = {"workspace": workspace, "progress": progress}
+    _library_warnings()
+
+
+class _WarningLine(logging.Handler):
+    """The library's warnings (e.g. why a model embeds with PyTorch, not ONNX Runtime) as `Warning: ...` lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _warn(record.getMessage())
+
+
+def _library_warnings() -> None:
+    logger = logging.getLogger("headmaster")
+    if not any(isinstance(h, _WarningLine) for h in logger.handlers):
+        handler = _WarningLine(logging.WARNING)
+        logger.addHandler(handler)
 
 
 # -- first run ------------------------------------------------------------------
@@ -185,7 +228,7 @@ def demo(obj, directory: str, device, batch_size, workers) -> None:
     shown_train = ", ".join(f"{k} {v}" for k, v in layout.train.items())
     click.echo(("Reusing the demo workspace " if layout.reused else "Laid out a demo workspace in ") + root
                + f": head clothing ({shown_train} photos), {len(layout.truth)} held-back photos in {root}/unsorted")
-    options = EmbedOptions(device, batch_size, workers, obj.get("progress"))
+    options = EmbedOptions(device, batch_size, workers, obj.get("progress"), obj.get("backend"))
     with Context.open(str(layout.root), options, notify=_note) as c:
         report = run_demo(c, layout)
         _print_trained(report.train, c)
@@ -523,14 +566,35 @@ def confusion_matrix_cmd(obj, head, test_dir, extended, plot, device, batch_size
 # -- checkpoints ----------------------------------------------------------------
 
 @cli.command()
-@click.option("--dest", required=True, type=click.Path(), help="Folder to copy checkpoints into.")
+@click.option("--dest", required=True, type=click.Path(), help="Folder to write into (created if needed).")
+@click.option("--format", "fmt", type=click.Choice(["checkpoints", "onnx"]), default="checkpoints",
+              show_default=True,
+              help="checkpoints: copy the .pt files. onnx: one classifier.onnx (backbone and heads, runs with "
+                   "onnxruntime alone) and classifier.json (preprocessing, classes, thresholds).")
+@click.option("--heads", default=None, metavar="A,B,C",
+              help="onnx: the heads to include (default: every head trained with the active model).")
+@click.option("--check", is_flag=True,
+              help="onnx: run the file on a few images of each head and compare with headmaster's scores.")
 @click.pass_obj
 @user_errors
-def export(obj, dest) -> None:
-    """Copy all checkpoints to a folder."""
-    with _context(obj) as c:
-        copied = checkpoints.export_checkpoints(c.workspace, Path(dest))
-    click.echo(f"Exported {len(copied)} checkpoint(s) to {dest}")
+def export(obj, dest, fmt, heads, check) -> None:
+    """Copy all checkpoints to a folder, or export a standalone ONNX classifier (--format onnx)."""
+    if fmt != "onnx":
+        if heads or check:
+            raise HeadmasterError("--heads and --check apply to --format onnx")
+        with _context(obj) as c:
+            copied = checkpoints.export_checkpoints(c.workspace, Path(dest))
+        click.echo(f"Exported {len(copied)} checkpoint(s) to {dest}")
+        return
+    names = _head_list(None, heads) if heads is not None else None
+    with _context(obj, device="cpu", batch_size=None, workers=None) as c:
+        report = export_onnx(c, Path(dest), names, check)
+    for head in report.skipped_heads:
+        _warn(f"head '{head}' left out: trained with another model than the active '{report.model.name}'")
+    for chk in report.checks:
+        click.echo(f"Checked {chk.head}: {chk.images} images, largest probability difference {chk.max_diff:.1e}")
+    click.echo(f"Exported {', '.join(report.heads)} with {report.model.name} to {_shown(report.onnx_path)} "
+               f"({report.size_bytes / 1e6:.1f} MB) and {_shown(report.json_path)} in {report.seconds:.1f}s")
 
 
 @cli.command()

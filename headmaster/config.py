@@ -64,6 +64,11 @@ class WebConfig:
 
 
 @dataclass
+class EmbeddingConfig:
+    backend: str = "auto"  # auto, torch or onnxruntime (headmaster.backends); --backend overrides it
+
+
+@dataclass
 class Config:
     workspace: str = ""  # "": $HEADMASTER_WORKSPACE, else ./workspace; relative to the config file's folder
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
@@ -71,6 +76,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     learning: LearningConfig = field(default_factory=LearningConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     source: Path | None = field(default=None, compare=False)  # the file it came from, if any
 
     # -- resolved paths -----------------------------------------------------------
@@ -114,7 +120,7 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {"daemon": DaemonConfig, "inbox": InboxConfig, "training": TrainingConfig,
-                             "learning": LearningConfig, "web": WebConfig}
+                             "learning": LearningConfig, "web": WebConfig, "embedding": EmbeddingConfig}
 TYPE_NAMES = {str: "a string", float: "a number", int: "an integer", bool: "true or false"}
 
 
@@ -179,6 +185,11 @@ def _check_values(config: Config, where: str) -> None:
         raise HeadmasterError(f"{where}: 'training.epochs' must be at least 1, got {t.epochs}")
     if t.lr <= 0:
         raise HeadmasterError(f"{where}: 'training.lr' must be above 0, got {t.lr}")
+    from headmaster.backends import BACKENDS
+
+    if config.embedding.backend not in BACKENDS:
+        raise HeadmasterError(f"{where}: 'embedding.backend' must be one of {', '.join(BACKENDS)}, "
+                              f"got {config.embedding.backend!r}")
     _check_web(config.web, where)
     if config.learning.confirm_after_days < 0:
         raise HeadmasterError(f"{where}: 'learning.confirm_after_days' must be 0 or more, "

@@ -15,6 +15,7 @@ class EmbedOptions:
     batch_size: int | None = None  # None: chosen for the device
     workers: int | None = None  # None: one decode thread per core, at most 8
     progress: bool | None = None  # None: a bar only when stderr is a terminal
+    backend: str | None = None  # auto, torch or onnxruntime (headmaster.backends); None: auto
 
 
 @dataclass

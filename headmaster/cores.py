@@ -33,25 +33,33 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _torch():
+    import torch  # only where the forward pass is torch's: the ONNX Runtime path never imports it
+
+    return torch
+
+
 class CoreShare:
     """A gate between the forward pass (`forward()`) and file workers (`working()`), plus the mode chooser.
 
     Disabled (GPU, or `enabled=False`) it lets everything overlap and changes no thread settings.
-    `mode` forces one mode instead of measuring.
+    `mode` forces one mode instead of measuring. `torch_threads=False` (ONNX Runtime, whose session
+    keeps the thread count it was made with) never touches torch and takes turns only.
     """
 
     RECHECK_EVERY = 12  # batches between two looks at the other mode
     FIRST_TRY = 6  # batches of turns before split is tried (two batches)
 
-    def __init__(self, enabled: bool, cores: int | None = None, mode: str | None = None):
-        import torch
-
+    def __init__(self, enabled: bool, cores: int | None = None, mode: str | None = None, torch_threads: bool = True):
         self.enabled = enabled
+        self.torch_threads = torch_threads
+        if not torch_threads:
+            mode = TURNS
         self.cores = cores or cpu_cores()
         self.side_workers = max(1, self.cores // 4)  # split: workers beside the forward pass
         self.modes = [TURNS] if self.cores < 2 else [TURNS, SPLIT]
         self.forced = mode
-        self._torch_threads = torch.get_num_threads()
+        self._torch_threads = _torch().get_num_threads() if torch_threads else 0
         self._cond = threading.Condition()
         self._forward_running = False
         self._active = 0
@@ -85,10 +93,9 @@ class CoreShare:
         if not self.enabled:
             yield
             return
-        import torch
-
         mode = self._next_mode()
-        torch.set_num_threads(self.cores if mode == TURNS else self.cores - self.side_workers)
+        if self.torch_threads:
+            _torch().set_num_threads(self.cores if mode == TURNS else self.cores - self.side_workers)
         with self._cond:
             self._allowed_during_forward = 0 if mode == TURNS else self.side_workers
             self._forward_running = True
@@ -103,10 +110,8 @@ class CoreShare:
 
     def close(self) -> None:
         """Give torch back the thread count it had."""
-        if self.enabled:
-            import torch
-
-            torch.set_num_threads(self._torch_threads)
+        if self.enabled and self.torch_threads:
+            _torch().set_num_threads(self._torch_threads)
 
     # -- the chooser ------------------------------------------------------------------------------
     def _next_mode(self) -> str:

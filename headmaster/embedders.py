@@ -168,7 +168,8 @@ def load_embedder(name: str, path: str, expected_dim: int | None = None, device:
     dtype = pick_dtype(chosen)
     try:
         model = AutoModel.from_pretrained(os.path.expanduser(path), dtype=dtype)
-        processor = AutoImageProcessor.from_pretrained(os.path.expanduser(path))
+        # the PIL backend: the reference arithmetic, which the ONNX path repeats exactly (onnx/preprocess.py)
+        processor = AutoImageProcessor.from_pretrained(os.path.expanduser(path), backend="pil")
     except (OSError, ValueError, KeyError, ImportError) as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1 is set: only local folders and models already in the cache load)" if offline \

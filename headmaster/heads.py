@@ -7,6 +7,7 @@ numbers that load with `torch.load(..., weights_only=True)`.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -19,10 +20,9 @@ from torch import nn
 
 from headmaster.errors import HeadmasterError
 from headmaster.fileops import write_atomic
+from headmaster.head_arrays import (BINARY_MARGIN, MULTICLASS_MIN_CONFIDENCE, UNCERTAIN,  # noqa: F401 (re-exported)
+                                    HeadRules, write_arrays)
 
-UNCERTAIN = "uncertain"
-BINARY_MARGIN = 0.1  # binary: within this of the threshold is uncertain
-MULTICLASS_MIN_CONFIDENCE = 0.5  # multi-class: top probability below this is uncertain
 HEAD_KINDS = ("mlp", "prototype")  # checkpoint "kind"; a checkpoint without one is an mlp
 
 
@@ -130,46 +130,10 @@ def best_f1_threshold(y: np.ndarray, p: np.ndarray) -> float:
 
 
 @dataclass
-class TrainedHead:
-    """A head ready to predict, built from a checkpoint dictionary."""
+class TrainedHead(HeadRules):
+    """A head ready to predict, built from a checkpoint dictionary (rules and decisions: HeadRules)."""
 
-    checkpoint: dict[str, Any]
     module: nn.Module = field(repr=False)  # HeadMLP or prototypes.PrototypeHead: same logits contract
-
-    @property
-    def kind(self) -> str:
-        return self.checkpoint.get("kind", "mlp")
-
-    @property
-    def min_confidence(self) -> float:
-        """Multi-class uncertainty cut: the checkpoint's `min_confidence` (hm calibrate), else 0.5."""
-        c = self.checkpoint.get("min_confidence")
-        return MULTICLASS_MIN_CONFIDENCE if c is None else float(c)
-
-    @property
-    def type(self) -> str:
-        return self.checkpoint["type"]
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.checkpoint["classes"])
-
-    @property
-    def model_name(self) -> str:
-        return self.checkpoint["model"]
-
-    @property
-    def input_dim(self) -> int:
-        return int(self.checkpoint["input_dim"])
-
-    @property
-    def threshold(self) -> float | None:
-        t = self.checkpoint.get("threshold")
-        return None if t is None else float(t)
-
-    @property
-    def metrics(self) -> dict[str, Any]:
-        return self.checkpoint.get("metadata", {}).get("metrics", {})
 
     def predict_proba(self, vectors: np.ndarray) -> np.ndarray:
         """(N, n_classes) probabilities, columns in `classes` order."""
@@ -183,32 +147,6 @@ class TrainedHead:
             p = torch.sigmoid(logits[:, 0]).numpy()
             return np.stack([1 - p, p], axis=1)
         return torch.softmax(logits, dim=1).numpy()
-
-    def decide(self, probs: np.ndarray) -> list[tuple[str, float]]:
-        """(bucket or 'uncertain', score) per row: the seed's two uncertainty rules.
-
-        Binary: the score is the probability of classes[1], uncertain within 0.1 of the
-        threshold. Multi-class: the score is the top probability, uncertain below
-        `min_confidence` (0.5 unless the checkpoint stores another cut).
-        """
-        out: list[tuple[str, float]] = []
-        for row in probs:
-            if self.type == "binary":
-                p, t = float(row[1]), self.threshold if self.threshold is not None else 0.5
-                label = UNCERTAIN if abs(p - t) <= BINARY_MARGIN else self.classes[int(p >= t)]
-                out.append((label, p))
-            else:
-                i = int(np.argmax(row))
-                conf = float(row[i])
-                out.append((UNCERTAIN if conf < self.min_confidence else self.classes[i], conf))
-        return out
-
-    def predict_labels(self, probs: np.ndarray) -> np.ndarray:
-        """Hard class indices (no uncertain bucket): the threshold for binary, argmax otherwise."""
-        if self.type == "binary":
-            t = self.threshold if self.threshold is not None else 0.5
-            return (probs[:, 1] >= t).astype(int)
-        return probs.argmax(axis=1)
 
 
 def _fit(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
@@ -340,7 +278,10 @@ def assemble_checkpoint(kind: str, head_name: str, classes: list[str], input_dim
 
 def save_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:
     """Write atomically: a temp file in the same folder, fsynced, then renamed over the old one."""
-    write_atomic(path, lambda f: torch.save(checkpoint, f))
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    write_atomic(path, lambda f: f.write(buffer.getvalue()))
+    write_arrays(buffer.getvalue(), checkpoint)  # the numpy copy torch-free scoring reads (head_arrays.py)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

@@ -24,14 +24,15 @@ from PIL import ImageOps
 from PIL import __version__ as PILLOW_VERSION
 from tqdm import tqdm
 
+from headmaster.backends import backend_embedder, device_type as planned_device_type, uses_onnx
 from headmaster.cores import CoreShare, cpu_cores
-from headmaster.embedders import Embedder, get_embedder, pick_device
 from headmaster.heap import keep_freed_memory, release_freed_memory
 from headmaster.images import ImageError, ImageUnavailable, file_sha256, load_image
 from headmaster.store import FileRecord, Model, Store
 
 if TYPE_CHECKING:
     from headmaster.context import Context
+    from headmaster.embedders import Embedder  # or headmaster.onnx.runtime.OrtEmbedder: the same interface
 
 GIL_SWITCH_INTERVAL = 0.0005  # seconds, while embedding (measured in bench/RESULTS.md)
 
@@ -62,17 +63,18 @@ class EmbedResult:
     batch_size: int = 0  # what the forward pass used (0: no forward pass)
     workers: int = 0  # decode workers used
     cpu_share: str = ""  # how the forward pass and the workers shared the CPU (headmaster.cores), "off" on a GPU
+    backend: str = ""  # "torch" or "onnxruntime": what ran the forward pass ("" when nothing was embedded)
 
     def timings(self) -> dict:
         """Machine-readable numbers for benchmarks (`HEADMASTER_TIMINGS=1 hm embed`)."""
-        import torch
-
+        torch = sys.modules.get("torch")  # the ONNX Runtime path never imports it
         return {"embedded": self.embedded, "cached": self.cached, "skipped": len(self.skipped),
                 "hashed": self.hashed, "seconds": self.seconds, "embed_seconds": self.embed_seconds,
                 "load_seconds": self.load_seconds, "images_per_second": self.images_per_second,
                 "first_batch_seconds": self.first_batch_seconds, "first_batch_images": self.first_batch_images,
-                "batch_size": self.batch_size, "workers": self.workers, "torch_threads": torch.get_num_threads(),
-                "cpu_share": self.cpu_share,
+                "batch_size": self.batch_size, "workers": self.workers,
+                "torch_threads": torch.get_num_threads() if torch else None,
+                "cpu_share": self.cpu_share, "backend": self.backend,
                 "peak_rss_mib": peak_rss_mib()}
 
     @property
@@ -108,7 +110,7 @@ def default_workers(device_type: str = "cpu") -> int:
     return max(1, cores if device_type != "cpu" else min(8, cores))
 
 
-def default_batch_size(embedder: Embedder) -> int:
+def default_batch_size(embedder: "Embedder") -> int:
     return 64 if embedder.device.type in ("cuda", "mps") else 16
 
 
@@ -236,7 +238,7 @@ def hash_paths(store: Store, paths: list[Path], workers: int | None = None
     return {p: hashes[p] for p in paths if p in hashes}, skipped, len(scan.to_read)
 
 
-def _prepare(embedder: Embedder, share: CoreShare, flip: bool = False) -> Callable[[Path], np.ndarray | ImageError]:
+def _prepare(embedder: "Embedder", share: CoreShare, flip: bool = False) -> Callable[[Path], np.ndarray | ImageError]:
     """Decode no larger than needed (JPEG DCT scaling to at least the input side), then the model's own processor."""
     side = embedder.input_side
 
@@ -257,9 +259,9 @@ def _prepare(embedder: Embedder, share: CoreShare, flip: bool = False) -> Callab
 
 def _worker_setup() -> None:
     """File workers use one intra-op thread each (the processor runs torch ops): they are many already."""
-    import torch
-
-    torch.set_num_threads(1)  # per thread: OpenMP's setting is thread-local
+    torch = sys.modules.get("torch")  # not loaded on the ONNX Runtime path, whose preprocessing is numpy
+    if torch is not None:
+        torch.set_num_threads(1)  # per thread: OpenMP's setting is thread-local
 
 
 def embed_paths(
@@ -272,9 +274,10 @@ def embed_paths(
     workers: int | None = None,
     progress: bool | None = None,
     label: str = "Embedding",
-    embedder: Embedder | None = None,
+    embedder: "Embedder | None" = None,
     cpu_share: str = "auto",
     flip: bool = False,
+    backend: str | None = None,
 ) -> EmbedResult:
     """Make sure every readable image in `paths` has a cached vector for `model`.
 
@@ -289,10 +292,14 @@ def embed_paths(
     On the CPU the forward pass and the file workers share the cores as `cpu_share` says: "auto"
     measures both ways of headmaster.cores on the first batches and keeps the faster, "turns" or
     "split" forces one, "off" lets them overlap freely (as on a GPU).
+
+    `backend` ("auto", "torch", "onnxruntime"; None: "auto") picks the engine of the forward pass
+    (headmaster.backends); the vectors are the same either way and cached under the same model.
     """
     started = time.perf_counter()
     paths = list(dict.fromkeys(p if isinstance(p, Path) else Path(p) for p in paths))
-    device_type = embedder.device.type if embedder else pick_device(device).type
+    device_type = embedder.device.type if embedder else planned_device_type(backend, device)
+    onnx_planned = getattr(embedder, "backend", "torch") == "onnxruntime" if embedder else uses_onnx(backend, device)
     workers = workers or default_workers(device_type)
     result = EmbedResult(workers=workers)
     scan = scan_paths(store, paths, model.id, flip)
@@ -301,7 +308,7 @@ def embed_paths(
     hashes: dict[Path, str] = {}
     queued: set[str] = set()
     gate = CoreShare(device_type == "cpu" and cpu_share != "off",
-                     mode=None if cpu_share in ("auto", "off") else cpu_share)
+                     mode=None if cpu_share in ("auto", "off") else cpu_share, torch_threads=not onnx_planned)
 
     # hash -> why it cannot be embedded; contents that failed before are skipped without loading the model
     bad: dict[str, str] = store.unusable(model.id, {h for h in scan.known.values() if h not in cached},
@@ -342,7 +349,8 @@ def embed_paths(
             if device_type == "cpu":
                 keep_freed_memory()  # activations are reused from batch to batch instead of faulted in anew
             t_load = time.perf_counter()
-            embedder = embedder or get_embedder(model.name, model.path, model.embed_dim, device)
+            embedder = embedder or backend_embedder(model, backend, device)
+            result.backend = getattr(embedder, "backend", "torch")
             batch_size = batch_size or default_batch_size(embedder)
             t0 = time.perf_counter()
             result.load_seconds, result.batch_size = t0 - t_load, batch_size
@@ -411,6 +419,7 @@ def embed_for(ctx: "Context", model: Model, paths: Iterable[Path], label: str = 
               **kwargs: Any) -> EmbedResult:
     """`embed_paths` with the command's options (device, batch size, workers, progress) from `ctx`."""
     o = ctx.options
+    kwargs.setdefault("backend", o.backend)
     return embed_paths(ctx.store, model, paths, device=o.device, batch_size=o.batch_size, workers=o.workers,
                        progress=o.progress, label=label, **kwargs)
 

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
 from headmaster.context import Context
 from headmaster.errors import HeadmasterError
 from headmaster.fileops import copy_into, move_into, unique_path
-from headmaster.heads import TrainedHead, load_head
+from headmaster.head_arrays import ArrayHead, load_array_head
 from headmaster.pipeline import EmbedResult, Skipped, embed_for, vectors_for
 from headmaster.store import Model
 from headmaster.workspace import list_images, shown_path
+
+if TYPE_CHECKING:
+    from headmaster.heads import TrainedHead
+
+# What scores vectors: the numpy copy of a checkpoint (what commands use: no torch import needed) or the
+# torch module of a freshly trained one (same probabilities, same decisions)
+Scorer = Union[ArrayHead, "TrainedHead"]
 
 
 @dataclass(frozen=True)
@@ -42,9 +50,11 @@ class ClassifyReport:
         return out
 
 
-def load_trained(ctx: Context, head: str) -> tuple[TrainedHead, Model]:
-    """The head's checkpoint and the registered model it needs; errors if it cannot be used now."""
-    trained = load_head(ctx.workspace.trained_checkpoint(head))
+def load_trained(ctx: Context, head: str) -> tuple[ArrayHead, Model]:
+    """The head's checkpoint and the registered model it needs; errors if it cannot be used now.
+
+    The head scores with numpy (head_arrays.py), so classifying needs torch only to embed."""
+    trained = load_array_head(ctx.workspace.trained_checkpoint(head))
     model = ctx.active_model()
     if trained.model_name != model.name:
         raise HeadmasterError(f"head '{head}' was trained with model '{trained.model_name}' but the active model is "
@@ -76,7 +86,7 @@ def embed_for_scoring(ctx: Context, model: Model, paths: list[Path], label: str 
     return vectors, result
 
 
-def score_vectors(trained: TrainedHead, paths: list[Path], vectors: dict[Path, np.ndarray],
+def score_vectors(trained: Scorer, paths: list[Path], vectors: dict[Path, np.ndarray],
                   hashes: dict[Path, str]) -> list[Decision]:
     """THE scoring step: the head's probabilities and its decision for each path that has a vector."""
     ordered = [p for p in paths if p in vectors]
@@ -87,7 +97,7 @@ def score_vectors(trained: TrainedHead, paths: list[Path], vectors: dict[Path, n
             for p, row, (bucket, score) in zip(ordered, probs, trained.decide(probs))]
 
 
-def decide_paths(ctx: Context, trained: TrainedHead, model: Model, paths: list[Path],
+def decide_paths(ctx: Context, trained: Scorer, model: Model, paths: list[Path],
                  label: str = "Embedding", tta: bool = False) -> tuple[list[Decision], EmbedResult]:
     """Embed (cache first) and decide a bucket for every readable image in `paths`."""
     vectors, result = embed_for_scoring(ctx, model, paths, label, tta)
@@ -152,7 +162,7 @@ class MultiReport:
     embed: EmbedResult | None = None
 
 
-def load_heads(ctx: Context, heads: list[str]) -> tuple[list[tuple[str, TrainedHead]], Model]:
+def load_heads(ctx: Context, heads: list[str]) -> tuple[list[tuple[str, ArrayHead]], Model]:
     """Every named head, checked against the active model (so they all share one vector per image)."""
     if not heads:
         raise HeadmasterError("no heads given")

@@ -5,16 +5,18 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from headmaster.context import Context
 from headmaster.errors import HeadmasterError
-from headmaster.heads import TrainConfig, read_checkpoint, save_checkpoint, train_head
 from headmaster.pipeline import EmbedResult, Skipped, embed_for, vectors_for
-from headmaster.prototypes import train_prototypes
 from headmaster.store import Model
 from headmaster.workspace import LabelledSet, shown_path
+
+if TYPE_CHECKING:
+    from headmaster.heads import TrainConfig  # heads.py imports torch: training loads it, embedding does not
 
 
 @dataclass(frozen=True)
@@ -105,14 +107,20 @@ def current_kind(ctx: Context, head: str) -> str:
     path = ctx.workspace.checkpoint_path(head)
     if not path.exists():
         return "mlp"
+    from headmaster.heads import read_checkpoint
+
     try:
         return read_checkpoint(path).get("kind", "mlp")
     except HeadmasterError:
         return "mlp"
 
 
-def train_one(ctx: Context, head: str, config: TrainConfig = TrainConfig()) -> TrainReport:
+def train_one(ctx: Context, head: str, config: "TrainConfig | None" = None) -> TrainReport:
     """Embed what is missing, train the head and write out/<head>.pt (atomically)."""
+    from headmaster.heads import TrainConfig, save_checkpoint, train_head
+    from headmaster.prototypes import train_prototypes
+
+    config = config or TrainConfig()
     labelled = ctx.workspace.head(head)
     warnings = labelled.check()  # workspace mistakes first: they need no model
     model = ctx.active_model()

@@ -1,13 +1,19 @@
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# ONNX exports and head arrays go to $XDG_CACHE_HOME/headmaster: one throwaway cache per test session
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="hm-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import build_clip, build_dinov2, build_siglip, build_timm, fill_bucket  # noqa: E402

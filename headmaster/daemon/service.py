@@ -137,7 +137,9 @@ class Daemon:
             folder.mkdir(parents=True, exist_ok=True)
         self._take_lock()
         self.ctx = Context.open(str(self.ws.root), EmbedOptions(device=self.config.daemon.device or None,
-                                                                 progress=False), notify=logger.info)
+                                                                 progress=False,
+                                                                 backend=self.config.embedding.backend),
+                                notify=logger.info)
         self.server = ControlServer(self.socket_path, self.handle_request,
                                     on_bad_request=lambda: self.state.count("bad_requests"))
         self.server.start()
