@@ -117,6 +117,9 @@ def test_label_three_with_the_keyboard_undo_one_and_the_head_learns(hmd, browser
     body.send_keys("u")  # undo the third
     first, second, third = shown[:3]
     classified = ws / "classified" / "colour"
+    # the page sends actions one after another; the undo's message says all four reached the server
+    wait_for(lambda: "undone" in browser.find_element(By.ID, "toast").get_attribute("textContent"), 30,
+             "the undo to be answered", hmd)
     wait_for(lambda: (classified / "blue" / first).is_file() and (classified / "red" / second).is_file()
              and (uncertain / third).is_file(), 30, "the moves and the undo on disk", hmd)
     assert not (classified / "blue" / third).exists() and not (uncertain / first).exists()
