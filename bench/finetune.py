@@ -97,6 +97,10 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=None)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--every", type=int, default=1,
+                        help="fine-tune on every Nth training image of each class only (a documented subset when "
+                             "the full set does not fit the time); validation/ is always whole")
+    parser.add_argument("--keep", action="store_true", help="keep the workdir's database (cached vectors)")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = parser.parse_args()
     data, base_path = args.shared / "data" / "clothing", args.shared / "models" / "efficientnet-lite0"
@@ -104,15 +108,24 @@ def main() -> None:
         sys.exit(f"need {data} and {base_path}")
     ws = args.workdir.absolute() / "workspace"
     if ws.exists():
-        shutil.rmtree(ws)
-    link_tree(data / "train", ws / "heads" / "clothing")
+        shutil.rmtree(ws / "heads", ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(ws)
+    link_tree(data / "train", ws / "heads" / "clothing", args.every)
     test_paths, y_test, classes = labelled(data / "validation")
     print(f"start: {uptime()}", flush=True)
     times: dict[str, float | list[float]] = {}
     rows: list[dict] = []
     views = ViewCache()
     with Context.open(str(ws), EmbedOptions(progress=sys.stderr.isatty())) as ctx:
-        add_model(ctx.store, "lite0", str(base_path), 1280)
+        for m in ctx.store.models():  # earlier fine-tuned models (--keep): their folders were removed
+            if m.name != "lite0":
+                ctx.store.remove_model(m.name)
+        shutil.rmtree(ws / "models", ignore_errors=True)
+        if not any(m.name == "lite0" for m in ctx.store.models()):
+            add_model(ctx.store, "lite0", str(base_path), 1280)
+        print(f"training images: {len(ctx.workspace.head('clothing').labelled_images())} "
+              f"(every {args.every} of each class)", flush=True)
         t0 = time.perf_counter()
         embed_heads(ctx, "clothing")
         times["embed train/ with the base"] = time.perf_counter() - t0

@@ -281,7 +281,7 @@ def train(obj, head, threshold, epochs, lr, seed, kind, device, batch_size, work
               help="Augmented views per training image, computed once (default: 2 on CPU, 8 on GPU).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
               help="Learning rate of the adapters (the heads use a tenth of it).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the split, weights and views.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the split and the weights (augmented views depend on the image only).")
 @click.option("--activate", is_flag=True, help="Activate the new model even if it does not beat the frozen heads.")
 @embed_options
 @click.pass_obj

@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from helpers import build_clip, fill_bucket
 from PIL import Image
+from test_cli import hm  # noqa: F401  (the fixture that runs hm commands in-process)
 
-from headmaster.cli import cli
 from headmaster.context import Context, EmbedOptions
 from headmaster.embedders import load_embedder
 from headmaster.errors import HeadmasterError
@@ -23,19 +22,6 @@ from headmaster.finetune.train import FinetuneConfig, StopRequest, finetune
 from headmaster.heads import load_head
 from headmaster.pipeline import embed_paths, vectors_for
 from headmaster.registry import add_model
-
-
-@pytest.fixture
-def hm(workspace):
-    runner = CliRunner()
-
-    def invoke(*args, ok=True):
-        result = runner.invoke(cli, ["--workspace", str(workspace), *args], catch_exceptions=False)
-        if ok:
-            assert result.exit_code == 0, result.output
-        return result
-
-    return invoke
 
 
 def _two_heads(workspace: Path) -> None:
