@@ -100,7 +100,8 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=1,
                         help="fine-tune on every Nth training image of each class only (a documented subset when "
                              "the full set does not fit the time); validation/ is always whole")
-    parser.add_argument("--keep", action="store_true", help="keep the workdir's database (cached vectors)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the workdir's database (cached vectors) and trunk activations (views.pt)")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = parser.parse_args()
     data, base_path = args.shared / "data" / "clothing", args.shared / "models" / "efficientnet-lite0"
@@ -117,6 +118,13 @@ def main() -> None:
     times: dict[str, float | list[float]] = {}
     rows: list[dict] = []
     views = ViewCache()
+    views_file = args.workdir.absolute() / f"views-every{args.every}-blocks{args.blocks}-views{args.views}.pt"
+    if args.keep and views_file.exists():  # trunk activations of an earlier run with the same base and subset
+        import torch
+
+        saved = torch.load(views_file, weights_only=True)
+        views = ViewCache(saved["plain"], saved["augmented"], saved["failed"])
+        print(f"reusing {len(views.plain)} images' trunk activations from {views_file}", flush=True)
     with Context.open(str(ws), EmbedOptions(progress=sys.stderr.isatty())) as ctx:
         for m in ctx.store.models():  # earlier fine-tuned models (--keep): their folders were removed
             if m.name != "lite0":
@@ -144,6 +152,10 @@ def main() -> None:
             report = finetune(ctx, ["clothing"], f"lite0-ft-seed{seed}", config, activate=True, views=views,
                               say=lambda s: print("  " + s, flush=True))
             t_ft = time.perf_counter() - t0
+            if not views_file.exists():
+                import torch
+
+                torch.save({"plain": views.plain, "augmented": views.augmented, "failed": views.failed}, views_file)
             x_ft, t_test = test_vectors(ctx, report.name, test_paths)
             lpft = head_accuracy(ctx, x_ft, y_test, classes)
             row = {"seed": seed, "frozen": frozen, "probe": probe, "lpft": lpft,
