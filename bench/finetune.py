@@ -132,6 +132,7 @@ def main() -> None:
         shutil.rmtree(ws / "models", ignore_errors=True)
         if not any(m.name == "lite0" for m in ctx.store.models()):
             add_model(ctx.store, "lite0", str(base_path), 1280)
+        activate_model(ctx.store, "lite0")
         print(f"training images: {len(ctx.workspace.head('clothing').labelled_images())} "
               f"(every {args.every} of each class)", flush=True)
         t0 = time.perf_counter()
