@@ -38,11 +38,12 @@ def hm(args: list[str], workspace: Path) -> str:
     return proc.stdout
 
 
-def link_tree(src: Path, dst: Path) -> None:
-    """Symlink every image: the workspace looks like a user's, the data is not copied."""
+def link_tree(src: Path, dst: Path, every: int = 1) -> None:
+    """Symlink every image (or every `every`-th of each class, in name order): the workspace looks like a
+    user's, the data is not copied."""
     for cls in sorted(p for p in src.iterdir() if p.is_dir()):
         (dst / cls.name).mkdir(parents=True, exist_ok=True)
-        for f in cls.iterdir():
+        for f in sorted(cls.iterdir())[::every]:
             (dst / cls.name / f.name).symlink_to(f.resolve())
 
 

@@ -82,6 +82,8 @@ import_labels_fn = lazy("headmaster.labels", "import_labels")
 read_label_csv = lazy("headmaster.labels", "read_label_csv")
 train_one = lazy("headmaster.training", "train_one")
 export_onnx = lazy("headmaster.onnx.export", "export_onnx")
+FinetuneConfig = lazy("headmaster.finetune.train", "FinetuneConfig")
+run_finetune = lazy("headmaster.finetune.train", "finetune")
 
 
 def _err(message: str) -> None:
@@ -396,6 +398,60 @@ def _print_trained(r, c: Context) -> None:
     shown_type = r.head_type + (" prototype" if r.kind == "prototype" else "")
     click.echo(f"Trained {r.head} ({shown_type}, {len(r.classes)} classes, {r.images} images: "
                f"{r.train_count} train / {r.val_count} validation): {score} -> {_shown(r.checkpoint_path)}")
+
+
+@cli.command()
+@click.option("--heads", required=True, metavar="A,B,C", help="Heads to fine-tune the backbone for (comma separated).")
+@click.option("--name", default=None, help="Name of the new model (default: <active model>-ft-<heads>).")
+@click.option("--rank", type=click.IntRange(min=1), default=8, show_default=True, help="LoRA rank.")
+@click.option("--lp-epochs", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Stage 1: head epochs on frozen vectors (also used to retrain the heads after).")
+@click.option("--ft-epochs", type=click.IntRange(min=1), default=None,
+              help="Stage 2: epochs of adapters and heads together (default: 5 on CPU, 10 on GPU).")
+@click.option("--blocks", type=click.IntRange(min=1), default=None,
+              help="Adapt the last N blocks of the backbone (default: 1 on CPU, a third of them on GPU).")
+@click.option("--views", type=click.IntRange(min=0), default=None,
+              help="Augmented views per training image, computed once (default: 2 on CPU, 8 on GPU).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="Learning rate of the adapters (the heads use a tenth of it).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the split and the weights (augmented views depend on the image only).")
+@click.option("--activate", is_flag=True, help="Activate the new model even if it does not beat the frozen heads.")
+@embed_options
+@click.pass_obj
+@user_errors
+def finetune(obj, heads, name, rank, lp_epochs, ft_epochs, blocks, views, lr, seed, activate, device, batch_size,
+             workers) -> None:
+    """Fine-tune the active model for some heads (LP-FT with LoRA) and register it as a new model.
+
+    Stage 1 trains the heads on the frozen model (as hm train). Stage 2 adds LoRA
+    adapters to the backbone's last blocks and trains them with the heads on the
+    heads' training images (random crops, flips), keeping the epoch with the best
+    validation accuracy. The adapters go to <workspace>/models/NAME/, registered as
+    model NAME. If it beats the frozen heads (or with --activate), NAME becomes the
+    active model and the heads are retrained on its vectors. Ctrl-C stops after the
+    current step and keeps the best epoch so far.
+    """
+    names = [h.strip() for h in heads.split(",") if h.strip()]
+    config = FinetuneConfig(rank=rank, alpha=2.0 * rank, lp_epochs=lp_epochs, ft_epochs=ft_epochs, blocks=blocks,
+                            views=views, lr=lr, head_lr=lr / 10, batch_size=batch_size or 32, seed=seed)
+    with _context(obj, device, None, workers) as c:
+        r = run_finetune(c, names, name, config, activate, say=click.echo)
+        click.echo(f"Fine-tuned {r.base.name} for {', '.join(names)}: {r.train_images} training images, "
+                   f"{r.val_images} validation; trunk pass {r.trunk_seconds:.0f}s, fine-tuning {r.ft_seconds:.0f}s")
+        click.echo(f"Validation accuracy: frozen {r.frozen_accuracy:.3f} -> fine-tuned {r.best_accuracy:.3f} "
+                   f"(best epoch {r.best_epoch})")
+        click.echo(f"Wrote {r.folder} and registered it as model {r.name}")
+        if not r.improved:
+            _warn(f"the fine-tuned model does not beat the frozen heads on validation"
+                  + ("; activated anyway (--activate)" if r.activated else
+                     f"; {r.base.name} stays active (use it anyway: hm model-activate --name {r.name})"))
+        if r.activated:
+            click.echo(f"Active model: {r.name}; retrained on its vectors: "
+                       + ", ".join(f"{t.head} accuracy {t.metrics['accuracy']:.3f}" for t in r.retrained))
+            others = [h for h in c.workspace.head_names() if h not in names and c.workspace.checkpoint_path(h).exists()]
+            if others:
+                _warn(f"heads {', '.join(others)} were trained on {r.base.name}: retrain them (hm train) "
+                      f"or activate {r.base.name} again to use them")
 
 
 # -- inspect ----------------------------------------------------------------------

@@ -159,6 +159,10 @@ def load_embedder(name: str, path: str, expected_dim: int | None = None, device:
 
     The probe pass checks the vector size against `expected_dim` (the registered --dim).
     """
+    from headmaster.finetune.adapters import is_adapter_folder, load_adapted  # `hm finetune` folders
+
+    if is_adapter_folder(path):
+        return load_adapted(name, path, expected_dim, device)
     from transformers import AutoImageProcessor, AutoModel
 
     _quiet_transformers()

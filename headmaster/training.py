@@ -115,6 +115,24 @@ def current_kind(ctx: Context, head: str) -> str:
         return "mlp"
 
 
+def labelled_rows(ctx: Context, model: Model, labelled: LabelledSet, result: EmbedResult
+                  ) -> tuple[list[np.ndarray], list[int], dict[str, list[str]], list[Path]]:
+    """(vectors, class indices, sources per bucket, paths) of the head's images that have a vector, in training order.
+
+    The order decides the validation split, so everything that trains on a head's split uses this.
+    """
+    vectors = vectors_for(ctx.store, model, result.hashes)
+    classes = labelled.classes
+    rows, labels, sources, paths = [], [], {c: [] for c in classes}, []
+    for path, bucket in labelled.labelled_images():
+        if path in vectors:
+            paths.append(path)
+            rows.append(vectors[path])
+            labels.append(classes.index(bucket))
+            sources[bucket].append(shown_path(path, ctx.workspace.heads_dir))
+    return rows, labels, sources, paths
+
+
 def train_one(ctx: Context, head: str, config: "TrainConfig | None" = None) -> TrainReport:
     """Embed what is missing, train the head and write out/<head>.pt (atomically)."""
     from headmaster.heads import TrainConfig, save_checkpoint, train_head
@@ -125,14 +143,8 @@ def train_one(ctx: Context, head: str, config: "TrainConfig | None" = None) -> T
     warnings = labelled.check()  # workspace mistakes first: they need no model
     model = ctx.active_model()
     result = embed_for(ctx, model, [p for p, _ in labelled.labelled_images()], f"Embedding {head}")
-    vectors = vectors_for(ctx.store, model, result.hashes)
     classes = labelled.classes
-    rows, labels, sources = [], [], {c: [] for c in classes}
-    for path, bucket in labelled.labelled_images():
-        if path in vectors:
-            rows.append(vectors[path])
-            labels.append(classes.index(bucket))
-            sources[bucket].append(shown_path(path, ctx.workspace.heads_dir))
+    rows, labels, sources, _ = labelled_rows(ctx, model, labelled, result)
     empty = [c for c in classes if not sources[c]]
     if empty:
         raise HeadmasterError(f"head '{head}': no usable images left in bucket(s) {', '.join(empty)} "
