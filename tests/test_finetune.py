@@ -89,7 +89,8 @@ def test_finetuned_head_beats_frozen_head_on_held_out_stripes(tmp_path):
 
     Frozen, its vectors leave the head near chance; the adapters (last layer and projection) learn to
     keep the orientation, and the head trained on the new vectors is right far more often on images
-    neither stage has seen.
+    neither stage has seen. PyTorch embeds throughout: the ONNX Runtime path gives the same vectors within
+    1e-4 (tests/test_onnx.py), but this small task's outcome moves with such differences in stage 1.
     """
     model = build_clip(tmp_path / "clip2", projection_dim=2)
     ws = tmp_path / "ws"
@@ -104,12 +105,13 @@ def test_finetuned_head_beats_frozen_head_on_held_out_stripes(tmp_path):
 
     def held_out_accuracy(c: Context, model_name: str) -> float:
         m = c.store.model(model_name)
-        vectors = vectors_for(c.store, m, embed_paths(c.store, m, [p for p, _ in held], progress=False).hashes)
+        vectors = vectors_for(c.store, m, embed_paths(c.store, m, [p for p, _ in held], progress=False,
+                                                     backend="torch").hashes)
         head = load_head(c.workspace.checkpoint_path("stripes"))
         assert head.model_name == model_name
         return float((head.predict_labels(head.predict_proba(np.stack([vectors[p] for p, _ in held]))) == y).mean())
 
-    with Context.open(str(ws), EmbedOptions(device="cpu", progress=False)) as c:
+    with Context.open(str(ws), EmbedOptions(device="cpu", progress=False, backend="torch")) as c:
         add_model(c.store, "clip2", str(model), 2)
         config = FinetuneConfig(ft_epochs=8, lr=5e-3, head_lr=5e-4, batch_size=16, seed=0)
         frozen = None
