@@ -6,6 +6,7 @@ import functools
 import importlib
 import json
 import os
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -95,6 +96,9 @@ def user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except HeadmasterError as e:
             _err(str(e))
+            sys.exit(1)
+        except sqlite3.DatabaseError as e:  # headmaster.db damaged after it opened: still one line
+            _err(f"database error: {e}; `hm doctor` checks the database")
             sys.exit(1)
         except KeyboardInterrupt:
             _err("interrupted")

@@ -25,13 +25,13 @@ from PIL import __version__ as PILLOW_VERSION
 from tqdm import tqdm
 
 from headmaster.cores import CoreShare, cpu_cores
-from headmaster.embedders import Embedder, get_embedder, pick_device
 from headmaster.heap import keep_freed_memory, release_freed_memory
 from headmaster.images import ImageError, ImageUnavailable, file_sha256, load_image
 from headmaster.store import FileRecord, Model, Store
 
 if TYPE_CHECKING:
     from headmaster.context import Context
+    from headmaster.embedders import Embedder
 
 GIL_SWITCH_INTERVAL = 0.0005  # seconds, while embedding (measured in bench/RESULTS.md)
 
@@ -290,6 +290,8 @@ def embed_paths(
     measures both ways of headmaster.cores on the first batches and keeps the faster, "turns" or
     "split" forces one, "off" lets them overlap freely (as on a GPU).
     """
+    from headmaster.embedders import get_embedder, pick_device  # torch: only once something is embedded
+
     started = time.perf_counter()
     paths = list(dict.fromkeys(p if isinstance(p, Path) else Path(p) for p in paths))
     device_type = embedder.device.type if embedder else pick_device(device).type
