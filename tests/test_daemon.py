@@ -60,13 +60,15 @@ def files_in(folder: Path) -> list[Path]:
 class Hmd:
     """One hmd subprocess with its config, socket and log."""
 
-    def __init__(self, root: Path, ws: Path):
+    def __init__(self, root: Path, ws: Path, daemon_keys: str = "", env: dict[str, str] | None = None):
         self.root, self.ws = root, ws
+        self.env = env or {}
         self.socket = root / "run" / "hm" / "hmd.sock"
         self.config = root / "hmd.toml"
         self.config.write_text(
             f'workspace = "{ws}"\n[daemon]\nsocket = "{self.socket}"\ndebounce_seconds = {DEBOUNCE}\n'
-            f'max_delay_seconds = 20.0\nsettle_seconds = {SETTLE}\ndevice = "cpu"\n[training]\nepochs = 20\n')
+            f'max_delay_seconds = 20.0\nsettle_seconds = {SETTLE}\ndevice = "cpu"\n{daemon_keys}'
+            f'[training]\nepochs = 20\n')
         self.log_path = root / "hmd.log"
         self.proc: subprocess.Popen | None = None
         self.beside: tuple[subprocess.Popen, Path] | None = None  # an `hm` command running beside hmd
@@ -88,6 +90,7 @@ class Hmd:
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
         env.pop("HEADMASTER_CONFIG", None)
         env.update(NOTIFY_SOCKET=str(self.notify_path), WATCHDOG_USEC="1000000")  # as systemd would set them
+        env.update(self.env)
         with open(self.log_path, "a") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "headmaster.daemon.main", "--config", str(self.config)],
                                          stdout=log, stderr=log, env=env, cwd=self.root)

@@ -20,7 +20,7 @@ Operations (OPS below), each a plain function of keyword arguments returning JSO
   hello()                           pid, for the start-up handshake
 
 Test-only hooks, off unless the environment asks (tests/test_daemon_worker.py sets them):
-  HEADMASTER_TEST_CRASH_ON=<substring>  a request naming a file that contains it kills the worker (SIGKILL)
+  HEADMASTER_TEST_CRASH_ON=<substring>  decoding a file whose name contains it kills the worker (SIGKILL)
   HEADMASTER_TEST_DECIDE_DELAY=<s>      sleep this long in every `decide`, so a test can kill mid-batch
 """
 
@@ -42,6 +42,7 @@ from headmaster.errors import HeadmasterError
 
 CRASH_ENV = "HEADMASTER_TEST_CRASH_ON"
 DELAY_ENV = "HEADMASTER_TEST_DECIDE_DELAY"
+OOM_SCORE_ADJ = 500  # raising our own score needs no privilege
 
 
 class Worker:
@@ -188,6 +189,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--setup", required=True, help="JSON: workspace, device")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C at hmd's terminal is the supervisor's to handle
+    try:  # under memory pressure the kernel should pick the worker, which hmd survives, not the supervisor
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(OOM_SCORE_ADJ))
+    except OSError:
+        pass
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sock = socket.socket(fileno=args.fd)
     install_test_hooks()

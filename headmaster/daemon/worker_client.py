@@ -16,6 +16,7 @@ This module imports nothing heavy: it runs in the supervisor.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -31,6 +32,7 @@ from headmaster.daemon.state import iso
 from headmaster.errors import HeadmasterError
 
 STOP_WAIT_S = 3.0  # a worker told to go gets this long before SIGKILL
+SUPERVISOR_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
 
 
 class WorkerCrashed(HeadmasterError):
@@ -127,7 +129,8 @@ class WorkerClient:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "headmaster.daemon.worker", "--fd", str(theirs.fileno()),
                  "--setup", json.dumps(self.setup)],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True,
+                env={k: v for k, v in os.environ.items() if k not in SUPERVISOR_ONLY_ENV})
         except OSError as e:
             ours.close()
             raise HeadmasterError(f"cannot start the worker process: {e.strerror or e}") from None
