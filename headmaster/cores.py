@@ -33,6 +33,12 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 class CoreShare:
     """A gate between the forward pass (`forward()`) and file workers (`working()`), plus the mode chooser.
 
@@ -44,14 +50,12 @@ class CoreShare:
     FIRST_TRY = 6  # batches of turns before split is tried (two batches)
 
     def __init__(self, enabled: bool, cores: int | None = None, mode: str | None = None):
-        import torch
-
         self.enabled = enabled
         self.cores = cores or cpu_cores()
         self.side_workers = max(1, self.cores // 4)  # split: workers beside the forward pass
         self.modes = [TURNS] if self.cores < 2 else [TURNS, SPLIT]
         self.forced = mode
-        self._torch_threads = torch.get_num_threads()
+        self._torch_threads = _torch_threads() if enabled else 0  # disabled (e.g. hashing in hmd): no torch import
         self._cond = threading.Condition()
         self._forward_running = False
         self._active = 0

@@ -131,6 +131,9 @@ def test_a_file_that_crashes_the_worker_twice_goes_to_rejected(hmd):
     log = hmd.log_path.read_text()
     assert "crashme.png" in log and "crashed the decoder" in log
     assert hmd.proc.poll() is None
+    maps = Path(f"/proc/{hmd.proc.pid}/maps")
+    if maps.exists():  # after sorting, learning and hashing, torch is still not in the supervisor
+        assert "torch" not in maps.read_text()
 
 
 def test_a_damaged_checkpoint_is_reported_and_never_trained_over_unasked(hmd, tmp_path):
