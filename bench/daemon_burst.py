@@ -4,7 +4,8 @@
 
 Builds a temporary workspace with the tiny random CLIP from tests/helpers.py (no network),
 starts the real `hmd`, copies N images into heads/colour/red/ at once, and polls
-`hmctl status --json` until hmd is idle again.
+`hmctl status --json` until hmd is idle again. Memory is shown for both of hmd's processes;
+bench/daemon_footprint.py measures them on real photos.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def main() -> None:
         used = (cpu_ticks(proc.pid) - ticks) / os.sysconf("SC_CLK_TCK")
         print(f"idle CPU: {used:.2f}s over {args.idle_seconds:.0f}s")
         rss_idle = memory_mib(proc.pid)[0]
+        worker_idle = status()["worker"]["rss_mib"] or 0  # 0: the worker has exited (model_idle_seconds)
         t1 = time.perf_counter()
         for p in burst:
             shutil.copy(p, ws / "heads/colour/red" / p.name)
@@ -97,8 +99,9 @@ def main() -> None:
         print(f"burst of {args.files} files (copied in {copied:.2f}s): {h['retrains'] - 1} retrain(s), "
               f"idle and trained on {h['images']} images {done:.1f}s after the copy started")
         rss_after, rss_peak = memory_mib(proc.pid)
-        print(f"memory: resident {rss_idle:.0f} MiB idle after start-up, {rss_after:.0f} MiB idle after the burst "
-              f"(peak {rss_peak:.0f} MiB)")
+        worker_after = s["worker"]["rss_mib"] or 0
+        print(f"memory (supervisor + worker): resident {rss_idle:.0f} + {worker_idle:.0f} MiB idle after start-up, "
+              f"{rss_after:.0f} + {worker_after:.0f} MiB idle after the burst (supervisor peak {rss_peak:.0f} MiB)")
         proc.send_signal(signal.SIGTERM)
         t2 = time.perf_counter()
         code = proc.wait(timeout=15)
