@@ -67,7 +67,8 @@ def check_database(ws: Workspace) -> Finding:
     except sqlite3.DatabaseError as e:
         return Finding("database", False, f"{path}: damaged or not a database ({e})")
     if check != [("ok",)]:
-        first = "; ".join(str(r[0]) for r in check[:3])
+        lines = [ln for r in check for ln in str(r[0]).splitlines() if not ln.startswith("***")]
+        first = "; ".join(lines[:2])[:200] + (f"; {len(lines) - 2} more" if len(lines) > 2 else "")
         return Finding("database", False, f"{path}: integrity check failed ({first})")
     return Finding("database", True, f"{path}: ok ({models} model(s), {vectors} cached vector(s))")
 

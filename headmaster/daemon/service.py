@@ -236,7 +236,7 @@ class Daemon:
                                                                    new.daemon.device)) if old != now]
         self.config = new
         self.settler.settle_seconds = new.daemon.settle_seconds
-        self.worker.idle_seconds = new.daemon.model_idle_seconds
+        self.worker.set_idle_seconds(new.daemon.model_idle_seconds)
         if restart:
             logger.warning("config reloaded; restart hmd to apply: {}", ", ".join(restart))
         else:

@@ -207,6 +207,17 @@ class WorkerClient:
         finally:
             self._lock.release()
 
+    def set_idle_seconds(self, seconds: float) -> None:
+        """A reload changed model_idle_seconds: an idle worker now times out on the new setting."""
+        self.idle_seconds = seconds
+        if self._lock.acquire(blocking=False):  # busy: the call in flight arms the timer when it ends
+            try:
+                self._cancel_timer()
+                if self._proc is not None and not self._closed:
+                    self._arm_timer()
+            finally:
+                self._lock.release()
+
     def close(self) -> None:
         """Stop for good (hmd is stopping): a call in flight ends with WorkerCrashed('hmd is stopping')."""
         self._closed = True
