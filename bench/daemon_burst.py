@@ -41,6 +41,25 @@ def memory_mib(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
+def start_hmd(root: Path, ws: Path, daemon_keys: str = "", env: dict | None = None) -> tuple[subprocess.Popen, Path]:
+    """hmd on `ws` with settle_seconds 0.5 on the CPU (plus `daemon_keys`), logging to root/hmd.log."""
+    sock = root / "hmd.sock"
+    config = root / "hmd.toml"
+    config.write_text(f'workspace = "{ws}"\n[daemon]\nsocket = "{sock}"\nsettle_seconds = 0.5\ndevice = "cpu"\n'
+                      f'{daemon_keys}')
+    proc = subprocess.Popen([sys.executable, "-m", "headmaster.daemon.main", "--config", str(config)],
+                            stderr=open(root / "hmd.log", "w"), env=env)
+    return proc, sock
+
+
+def stop_hmd(proc: subprocess.Popen) -> None:
+    """SIGTERM, and how long hmd took to exit."""
+    proc.send_signal(signal.SIGTERM)
+    t = time.perf_counter()
+    code = proc.wait(timeout=20)
+    print(f"SIGTERM -> exit {code} in {time.perf_counter() - t:.1f}s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--files", type=int, default=1000)
@@ -55,13 +74,8 @@ def main() -> None:
         with Store(ws / "headmaster.db") as store:
             add_model(store, "tiny-clip", str(build_clip(root / "tiny-clip")), 24)
         burst = fill_bucket(root / "burst", "red", args.files, 10_000)
-        sock = root / "hmd.sock"
-        config = root / "hmd.toml"
-        config.write_text(f'workspace = "{ws}"\n[daemon]\nsocket = "{sock}"\ndebounce_seconds = {args.debounce}\n'
-                          f'settle_seconds = 0.5\ndevice = "cpu"\n')
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "headmaster.daemon.main", "--config", str(config)],
-                                stderr=open(root / "hmd.log", "w"))
+        proc, sock = start_hmd(root, ws, f"debounce_seconds = {args.debounce}\n")
 
         def status() -> dict | None:
             try:
@@ -102,10 +116,7 @@ def main() -> None:
         worker_after = s["worker"]["rss_mib"] or 0
         print(f"memory (supervisor + worker): resident {rss_idle:.0f} + {worker_idle:.0f} MiB idle after start-up, "
               f"{rss_after:.0f} + {worker_after:.0f} MiB idle after the burst (supervisor peak {rss_peak:.0f} MiB)")
-        proc.send_signal(signal.SIGTERM)
-        t2 = time.perf_counter()
-        code = proc.wait(timeout=15)
-        print(f"SIGTERM -> exit {code} in {time.perf_counter() - t2:.1f}s")
+        stop_hmd(proc)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

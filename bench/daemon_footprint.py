@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from daemon_burst import start_hmd, stop_hmd  # bench/ is on sys.path when this script runs
 
 from headmaster.daemon.control import request
 from headmaster.daemon.worker_client import rss_mib
@@ -101,13 +102,8 @@ def main() -> None:
         print(f"hm classify, {len(burst)} photos (one process, start-up and model load included): {classify_s:.1f}s")
 
         # 2. hmd start-up, supervisor alone
-        sock = root / "hmd.sock"
-        config = root / "hmd.toml"
-        config.write_text(f'workspace = "{ws}"\n[daemon]\nsocket = "{sock}"\nsettle_seconds = 0.5\ndevice = "cpu"\n'
-                          f'model_idle_seconds = {args.idle}\n')
         t = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "headmaster.daemon.main", "--config", str(config)],
-                                stderr=open(root / "hmd.log", "w"), env=env)
+        proc, sock = start_hmd(root, ws, f"model_idle_seconds = {args.idle}\n", env)
 
         def status() -> dict:
             return request(sock, "status", timeout=60)
@@ -177,10 +173,7 @@ def main() -> None:
         s = status()
         print(f"worker exited {gone:.1f}s after the last sort (model_idle_seconds = {args.idle:g}); "
               f"supervisor then: {s['rss_mib']:.0f} MiB")
-        proc.send_signal(signal.SIGTERM)
-        t = time.perf_counter()
-        code = proc.wait(timeout=20)
-        print(f"SIGTERM -> exit {code} in {time.perf_counter() - t:.1f}s")
+        stop_hmd(proc)
         proc = None
     finally:
         if proc is not None:

@@ -133,15 +133,21 @@ class Hmd:
             self.proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory, clip_path):
-    """A workspace with an untrained two-bucket head and the tiny CLIP model registered."""
-    root = tmp_path_factory.mktemp("hmd")
+def make_workspace(root: Path, clip_path: Path) -> Path:
+    """root/workspace with an untrained two-bucket head (10 red, 10 blue) and the tiny CLIP model registered."""
     ws = root / "workspace"
     fill_bucket(ws / "heads" / "colour" / "red", "red", 10, 0)
     fill_bucket(ws / "heads" / "colour" / "blue", "blue", 10, 100)
     with Store(ws / "headmaster.db") as store:
         add_model(store, "tiny-clip", str(clip_path), 24)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, clip_path):
+    """A workspace with an untrained two-bucket head and the tiny CLIP model registered."""
+    root = tmp_path_factory.mktemp("hmd")
+    ws = make_workspace(root, clip_path)
     colour_image(ws / "inbox" / "colour" / "early_red.png", "red", 99)  # waits until the head is trained
     return root, ws
 

@@ -16,10 +16,8 @@ from pathlib import Path
 
 import pytest
 from helpers import colour_image, fill_bucket
-from test_daemon import Hmd, digest, files_in, wait_for
+from test_daemon import Hmd, digest, files_in, make_workspace, wait_for
 
-from headmaster.registry import add_model
-from headmaster.store import Store
 
 HM = [sys.executable, "-m", "headmaster.cli"]
 IDLE = 2.0
@@ -51,12 +49,7 @@ def test_the_supervisor_never_imports_torch():
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, clip_path):
     root = tmp_path_factory.mktemp("hmd-worker")
-    ws = root / "workspace"
-    fill_bucket(ws / "heads" / "colour" / "red", "red", 10, 0)
-    fill_bucket(ws / "heads" / "colour" / "blue", "blue", 10, 100)
-    with Store(ws / "headmaster.db") as store:
-        add_model(store, "tiny-clip", str(clip_path), 24)
-    return root, ws
+    return root, make_workspace(root, clip_path)
 
 
 @pytest.fixture(scope="module")
