@@ -189,3 +189,14 @@ def test_a_damaged_database_is_reported_and_kept(tmp_path):
     assert len(kept) == 1 and kept[0].read_bytes() == garbage
     assert "model registry could not be read" in rebuilt.stderr
     assert hm(ws, "doctor").returncode == 0
+
+
+def test_a_bad_config_is_one_line_and_an_exit_status_systemd_does_not_restart(tmp_path):
+    config = tmp_path / "hmd.toml"
+    config.write_text('[daemon]\nmodel_idle_seconds = -1\n')
+    out = subprocess.run([sys.executable, "-m", "headmaster.daemon.main", "--config", str(config)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 78  # RestartPreventExitStatus=78 in systemd/hmd.service: no crash loop
+    assert out.stderr.strip().splitlines() == [
+        f"Error: config {config}: 'daemon.model_idle_seconds' must be 0 (stay loaded) or more, got -1.0"]
+    assert "RestartPreventExitStatus=78" in (Path(__file__).parent.parent / "systemd" / "hmd.service").read_text()
