@@ -36,7 +36,7 @@ class DaemonConfig:
     log_rotation: str = "10 MB"  # loguru rotation for log_file
     log_retention: int = 5  # rotated log files kept
     model_idle_seconds: float = 300.0  # the worker (and its model) exits after this long without work; 0: stays
-    max_batch_images: int = 64  # inbox files decided per worker request: bounds the worker's memory in a burst
+    max_batch_images: int = 256  # files per worker request: its memory stays within one window in a burst
 
 
 @dataclass
