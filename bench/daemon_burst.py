@@ -4,7 +4,8 @@
 
 Builds a temporary workspace with the tiny random CLIP from tests/helpers.py (no network),
 starts the real `hmd`, copies N images into heads/colour/red/ at once, and polls
-`hmctl status --json` until hmd is idle again.
+`hmctl status --json` until hmd is idle again. Memory is shown for both of hmd's processes;
+bench/daemon_footprint.py measures them on real photos.
 """
 
 from __future__ import annotations
@@ -40,6 +41,25 @@ def memory_mib(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
+def start_hmd(root: Path, ws: Path, daemon_keys: str = "", env: dict | None = None) -> tuple[subprocess.Popen, Path]:
+    """hmd on `ws` with settle_seconds 0.5 on the CPU (plus `daemon_keys`), logging to root/hmd.log."""
+    sock = root / "hmd.sock"
+    config = root / "hmd.toml"
+    config.write_text(f'workspace = "{ws}"\n[daemon]\nsocket = "{sock}"\nsettle_seconds = 0.5\ndevice = "cpu"\n'
+                      f'{daemon_keys}')
+    proc = subprocess.Popen([sys.executable, "-m", "headmaster.daemon.main", "--config", str(config)],
+                            stderr=open(root / "hmd.log", "w"), env=env)
+    return proc, sock
+
+
+def stop_hmd(proc: subprocess.Popen) -> None:
+    """SIGTERM, and how long hmd took to exit."""
+    proc.send_signal(signal.SIGTERM)
+    t = time.perf_counter()
+    code = proc.wait(timeout=20)
+    print(f"SIGTERM -> exit {code} in {time.perf_counter() - t:.1f}s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--files", type=int, default=1000)
@@ -54,13 +74,8 @@ def main() -> None:
         with Store(ws / "headmaster.db") as store:
             add_model(store, "tiny-clip", str(build_clip(root / "tiny-clip")), 24)
         burst = fill_bucket(root / "burst", "red", args.files, 10_000)
-        sock = root / "hmd.sock"
-        config = root / "hmd.toml"
-        config.write_text(f'workspace = "{ws}"\n[daemon]\nsocket = "{sock}"\ndebounce_seconds = {args.debounce}\n'
-                          f'settle_seconds = 0.5\ndevice = "cpu"\n')
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "headmaster.daemon.main", "--config", str(config)],
-                                stderr=open(root / "hmd.log", "w"))
+        proc, sock = start_hmd(root, ws, f"debounce_seconds = {args.debounce}\n")
 
         def status() -> dict | None:
             try:
@@ -84,6 +99,7 @@ def main() -> None:
         used = (cpu_ticks(proc.pid) - ticks) / os.sysconf("SC_CLK_TCK")
         print(f"idle CPU: {used:.2f}s over {args.idle_seconds:.0f}s")
         rss_idle = memory_mib(proc.pid)[0]
+        worker_idle = status()["worker"]["rss_mib"] or 0  # 0: the worker has exited (model_idle_seconds)
         t1 = time.perf_counter()
         for p in burst:
             shutil.copy(p, ws / "heads/colour/red" / p.name)
@@ -97,12 +113,10 @@ def main() -> None:
         print(f"burst of {args.files} files (copied in {copied:.2f}s): {h['retrains'] - 1} retrain(s), "
               f"idle and trained on {h['images']} images {done:.1f}s after the copy started")
         rss_after, rss_peak = memory_mib(proc.pid)
-        print(f"memory: resident {rss_idle:.0f} MiB idle after start-up, {rss_after:.0f} MiB idle after the burst "
-              f"(peak {rss_peak:.0f} MiB)")
-        proc.send_signal(signal.SIGTERM)
-        t2 = time.perf_counter()
-        code = proc.wait(timeout=15)
-        print(f"SIGTERM -> exit {code} in {time.perf_counter() - t2:.1f}s")
+        worker_after = s["worker"]["rss_mib"] or 0
+        print(f"memory (supervisor + worker): resident {rss_idle:.0f} + {worker_idle:.0f} MiB idle after start-up, "
+              f"{rss_after:.0f} + {worker_after:.0f} MiB idle after the burst (supervisor peak {rss_peak:.0f} MiB)")
+        stop_hmd(proc)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -7,6 +7,7 @@ import importlib
 import json
 import logging
 import os
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -104,6 +105,9 @@ def user_errors(fn: Callable) -> Callable:
         except HeadmasterError as e:
             _err(str(e))
             sys.exit(1)
+        except sqlite3.DatabaseError as e:  # headmaster.db damaged after it opened: still one line
+            _err(f"database error: {e}; `hm doctor` checks the database")
+            sys.exit(1)
         except KeyboardInterrupt:
             _err("interrupted")
             sys.exit(130)
@@ -111,11 +115,14 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def embed_options(fn: Callable) -> Callable:
+def embed_options(fn: Callable | None = None, *, bad_config_ok: bool = False) -> Callable:
     """--device, --batch-size, --workers, --backend: shared by every command that embeds.
 
     --backend is handed to `_context` through the click context's obj, so commands keep their signatures.
+    `bad_config_ok`: a config file that does not load means the default backend (`hm doctor` reports it).
     """
+    if fn is None:
+        return functools.partial(embed_options, bad_config_ok=bad_config_ok)
 
     command = fn
 
@@ -123,7 +130,12 @@ def embed_options(fn: Callable) -> Callable:
     @user_errors  # a bad config file is one line, like every user error
     def with_backend(*args, backend=None, **kwargs):
         obj = click.get_current_context().find_root().obj
-        obj["backend"] = backend or _config_backend(obj)
+        try:
+            obj["backend"] = backend or _config_backend(obj)
+        except HeadmasterError:
+            if not bad_config_ok:
+                raise
+            obj["backend"] = "auto"
         return command(*args, **kwargs)
 
     fn = click.option("--backend", type=click.Choice(BACKENDS), default=None,
@@ -864,6 +876,50 @@ def import_labels(obj, csv_file, images, link, dry_run, skip_bad_rows) -> None:
                f"{len(heads_used)} heads ({', '.join(heads_used) or '-'}): {summary}"
                + (f"; {len(plan.bad_lines)} bad rows skipped" if plan.problems else "")
                + ("; nothing was changed" if dry_run else ""))
+
+
+# -- our own files ----------------------------------------------------------------
+
+@cli.command()
+@click.option("--rebuild-cache", is_flag=True,
+              help="If the database is damaged: rename it aside (kept), start a new one, copy the model registry "
+                   "over where it is still readable and embed every labelled image again.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="The daemon config to check (default: $HEADMASTER_CONFIG, else <workspace>/config.toml).")
+@embed_options(bad_config_ok=True)
+@click.pass_obj
+@user_errors
+def doctor(obj, rebuild_cache, config_path, device, batch_size, workers) -> None:
+    """Check the database, the checkpoints in out/ and the config; change nothing unless asked.
+
+    Exits with status 1 when something is damaged. Stop hmd before --rebuild-cache.
+    """
+    from headmaster import doctor as doctor_mod
+
+    ws = Workspace.from_env(obj.get("workspace"))
+    findings = doctor_mod.diagnose(ws, config_path)
+    for f in findings:
+        click.echo(f"{'ok' if f.ok else 'DAMAGED':<8} {f.what}: {f.detail}")
+    database_ok = findings[0].ok
+    if rebuild_cache and not database_ok:
+        report = doctor_mod.rebuild_cache(ws, options=EmbedOptions(device, batch_size, workers, obj.get("progress")))
+        for path in report.moved_aside:
+            click.echo(f"Kept the damaged file as {shown_path(path, ws.root)}")
+        if report.lost_models:
+            _warn(f"the model registry could not be read from the damaged file ({report.lost_models}); "
+                  f"register your model again with `hm model-add`, then run `hm embed`")
+        click.echo(f"New database {shown_path(ws.db_path, ws.root)}: {len(report.models)} model(s) registered, "
+                   f"{report.embedded} image(s) embedded")
+        database_ok = True
+    elif not database_ok:
+        click.echo("Run `hm doctor --rebuild-cache` to set the damaged database aside and rebuild the cache "
+                   "from the images (nothing is deleted).")
+    if not database_ok or not all(f.ok for f in findings[1:]):
+        damaged = [f.what for f in findings[1:] if not f.ok]
+        if damaged:
+            click.echo(f"Damaged: {', '.join(damaged)} (a checkpoint is rebuilt by `hm train --head HEAD`; "
+                       f"a config is fixed by editing it)")
+        sys.exit(1)
 
 
 # -- daemon config ----------------------------------------------------------------

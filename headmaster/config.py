@@ -35,6 +35,8 @@ class DaemonConfig:
     log_file: str = ""  # "": stderr only; relative paths are inside the workspace
     log_rotation: str = "10 MB"  # loguru rotation for log_file
     log_retention: int = 5  # rotated log files kept
+    model_idle_seconds: float = 300.0  # the worker (and its model) exits after this long without work; 0: stays
+    max_batch_images: int = 256  # files per worker request: its memory stays within one window in a burst
 
 
 @dataclass
@@ -176,6 +178,11 @@ def _check_values(config: Config, where: str) -> None:
     if d.log_level.upper() not in LOG_LEVELS:
         raise HeadmasterError(f"{where}: 'daemon.log_level' must be one of {', '.join(LOG_LEVELS)}, "
                               f"got {d.log_level!r}")
+    if d.model_idle_seconds < 0:
+        raise HeadmasterError(f"{where}: 'daemon.model_idle_seconds' must be 0 (stay loaded) or more, "
+                              f"got {d.model_idle_seconds}")
+    if d.max_batch_images < 1:
+        raise HeadmasterError(f"{where}: 'daemon.max_batch_images' must be at least 1, got {d.max_batch_images}")
     if d.log_retention < 0:
         raise HeadmasterError(f"{where}: 'daemon.log_retention' must be 0 or more, got {d.log_retention}")
     if not config.inbox.path:

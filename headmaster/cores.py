@@ -34,7 +34,7 @@ def cpu_cores() -> int:
 
 
 def _torch():
-    import torch  # only where the forward pass is torch's: the ONNX Runtime path never imports it
+    import torch  # only where the forward pass is torch's: neither ONNX Runtime nor hmd's hashing imports it
 
     return torch
 
@@ -59,7 +59,8 @@ class CoreShare:
         self.side_workers = max(1, self.cores // 4)  # split: workers beside the forward pass
         self.modes = [TURNS] if self.cores < 2 else [TURNS, SPLIT]
         self.forced = mode
-        self._torch_threads = _torch().get_num_threads() if torch_threads else 0
+        # disabled (e.g. hashing in hmd's supervisor) or not torch's forward pass: no torch import
+        self._torch_threads = _torch().get_num_threads() if enabled and torch_threads else 0
         self._cond = threading.Condition()
         self._forward_running = False
         self._active = 0

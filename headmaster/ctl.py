@@ -57,12 +57,17 @@ def _score(metrics: dict) -> str:
 def format_status(s: dict[str, Any]) -> str:
     """The readable form of `hmctl status`."""
     paused = ", sorting PAUSED" if s.get("paused") else ""
-    lines = [f"hmd pid {s['pid']}, up {_duration(s['uptime_s'])}, model {s.get('model') or '(none)'}, "
+    memory = f", {s['rss_mib']:.0f} MiB" if s.get("rss_mib") is not None else ""
+    lines = [f"hmd pid {s['pid']}{memory}, up {_duration(s['uptime_s'])}, model {s.get('model') or '(none)'}, "
              f"{s.get('activity', '')}{paused}",
              f"Workspace: {s['workspace']}"]
     web = s.get("web")
     if web:
         lines.append(f"Review page: {web['url']}" if "url" in web else f"Review page: not served ({web['error']})")
+    if "worker" in s:
+        lines.append(format_worker(s["worker"]))
+    for what, problem in (s.get("problems") or {}).items():
+        lines.append(f"PROBLEM: {what}: {problem}")
     inbox = s["inbox"]
     lines.append(f"Inbox: {inbox['path']}: {inbox['queued']} queued, {inbox['sorted']} sorted, "
                  f"{inbox['rejected']} rejected since start")
@@ -91,6 +96,19 @@ def format_status(s: dict[str, Any]) -> str:
         if h.get("error"):
             lines.append(f"{name}: {h['error']}")
     return "\n".join(lines)
+
+
+def format_worker(w: dict[str, Any]) -> str:
+    """One line on the worker process: is the model loaded, since when, how much memory."""
+    crashes = f"; {w['crashes']} crash(es), last: {w['last_crash']}" if w.get("crashes") else ""
+    if not w.get("running"):
+        return f"Worker: not running, model not loaded (starts with the next work){crashes}"
+    memory = f", {w['rss_mib']:.0f} MiB" if w.get("rss_mib") is not None else ""
+    model = (f"model loaded since {w['model_loaded_since'][11:19]}" if w.get("model_loaded")
+             else "model not loaded yet")
+    busy = f", busy: {w['busy']}" if w.get("busy") else ", idle"
+    stays = "stays loaded" if not w.get("idle_seconds") else f"exits after {_duration(w['idle_seconds'])} idle"
+    return f"Worker: pid {w['pid']}{memory}, up since {(w.get('since') or '')[11:19]}, {model}{busy}, {stays}{crashes}"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -176,6 +194,29 @@ def uncertain(obj, head: str, limit: int | None, as_json: bool) -> None:
     click.echo(f"{'MARGIN':>6}  {'GUESS':<12}  FILE")
     for r in result:
         click.echo(f"{r['margin']:>6.3f}  {r['guess']:<12}  {r['path']}")
+
+
+@hmctl.command()
+@click.argument("head")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
+              help="Out-of-fold heads to train.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Show at most this many.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def suspects(obj, head: str, folds: int, limit: int, as_json: bool) -> None:
+    """List HEAD's labelled examples the head doubts most (as `hm suspects`, answered by the running hmd)."""
+    result = _call(obj, "suspects", head=head, folds=folds, limit=limit, timeout=600.0)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for w in result["warnings"]:
+        click.echo(f"Warning: {w}", err=True)
+    if not result["suspects"]:
+        click.echo(f"No suspects for {head}")
+        return
+    click.echo(f"{'P(BUCKET)':>9}  {'BUCKET':<12}  {'PREFERS':<12}  FILE")
+    for r in result["suspects"]:
+        click.echo(f"{r['p_bucket']:>9.3f}  {r['bucket']:<12}  {r['preferred']:<12}  {r['path']}")
 
 
 @hmctl.group("config")

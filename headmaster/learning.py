@@ -20,13 +20,13 @@ import numpy as np
 from headmaster.context import Context
 from headmaster.errors import HeadmasterError
 from headmaster.fileops import copy_into, fsync_dir, move_into
-from headmaster.heads import UNCERTAIN
 from headmaster.images import file_sha256
 from headmaster.pipeline import hash_paths
-from headmaster.sorting import decide_paths, load_trained
 from headmaster.store import FileRecord, Store
 from headmaster.workspace import Workspace, list_images
 
+# hmd's supervisor imports this module and must not import torch: heads and sorting are imported where used
+UNCERTAIN = "uncertain"  # heads.UNCERTAIN
 NOT_LABELS = frozenset({UNCERTAIN, "_rejected"})  # folders in classified/<head>/ that teach nothing
 
 SCHEMA = """
@@ -232,6 +232,8 @@ class UncertainFile:
 
 def rank_uncertain(ctx: Context, head: str, limit: int | None = None) -> list[UncertainFile]:
     """Files in classified/<head>/uncertain/, closest to the decision boundary first (label those first)."""
+    from headmaster.sorting import decide_paths, load_trained
+
     trained, model = load_trained(ctx, head)
     folder = ctx.workspace.classified_dir / head / UNCERTAIN
     paths = list_images(folder)[0] if folder.is_dir() else []

@@ -6,9 +6,11 @@ an example exactly as the daemon does when a user moves the file by hand. Suspec
 between buckets of heads/<head>/ or out into heads/<head>/_excluded/. Every action is kept
 on an undo stack; undo puts the file back and unlearns what was learned.
 
-Model work (ranking, suspects, evaluation) goes through `run_model`: one thread owns the
-model. File moves and the corrections log use this object's own database connection, so a
-label never waits for a retrain.
+Model work (ranking, suspects, evaluation) goes through `model_call(op, **args)`, the named
+operations of hmd's worker (headmaster/daemon/worker.py, returning plain JSON data): here one
+thread of our own runs them in-process; under hmd, DaemonReview sends them to the worker process.
+This module imports no torch, so hmd's supervisor serves the page without it. File moves and the
+corrections log use this object's own database connection, so a label never waits for a retrain.
 """
 
 from __future__ import annotations
@@ -17,23 +19,24 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 from headmaster.context import Context, EmbedOptions
 from headmaster.daemon.state import CheckpointCache, head_fields
 from headmaster.duplicates import indexed_leaks
 from headmaster.errors import HeadmasterError
 from headmaster.fileops import move_into
-from headmaster.figures import confusion_figures, evaluation_figures, read_figures, save_figures
-from headmaster.heads import UNCERTAIN, TrainConfig
+from headmaster.figures import read_figures, save_figures
+from headmaster.head_arrays import UNCERTAIN
 from headmaster.learning import NOT_LABELS, Learned, ensure_schema, learn, unlearn
+from headmaster.pipeline import hash_paths
 from headmaster.store import FileRecord, Store
 from headmaster.web.backend import EXCLUDED, Action, Item, NotFound
 from headmaster.workspace import NOT_BUCKET_PREFIXES, Workspace, list_images, shown_path
 
-T = TypeVar("T")
 RECENT_SORTS = 200  # how many recent sorts the queue looks at after the uncertain ones
 SUSPECT_FOLDS = 5
+SUSPECT_EPOCHS = 30
 
 
 class ReviewService:
@@ -51,7 +54,7 @@ class ReviewService:
         self._suspects: dict[str, tuple[tuple[int, int] | None, list[Item]]] = {}  # head -> (checkpoint key, items)
         self._checkpoints = CheckpointCache()
         self._executor: ThreadPoolExecutor | None = None
-        self._ctx: Context | None = None
+        self._worker = None  # headmaster.daemon.worker.Worker over our own Context, on the executor's thread
 
     @property
     def workspace_root(self) -> Path:
@@ -59,22 +62,24 @@ class ReviewService:
 
     def close(self) -> None:
         if self._executor is not None:
-            if self._ctx is not None:
-                self._executor.submit(self._ctx.close).result()
+            if self._worker is not None:
+                self._executor.submit(self._worker.ctx.close).result()
             self._executor.shutdown()
         self.store.close()
 
     # -- hooks the daemon overrides --------------------------------------------------------
-    def run_model(self, fn: Callable[[Context], T]) -> T:
-        """Run `fn` with the context on the one thread that owns the model (here: our own thread)."""
+    def model_call(self, op: str, **args: Any) -> Any:
+        """Run the worker operation `op` on the one thread that owns the model (here: our own thread)."""
+        from headmaster.daemon.worker import OPS, Worker  # light; the model code loads inside each operation
+
+        def run() -> Any:
+            if self._worker is None:
+                self._worker = Worker(Context(self.ws, Store(self.ws.db_path), self.options))
+            return OPS[op](self._worker, **args)
+
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="hm-serve-model")
-        return self._executor.submit(lambda: fn(self._context())).result()
-
-    def _context(self) -> Context:
-        if self._ctx is None:
-            self._ctx = Context(self.ws, Store(self.ws.db_path), self.options)
-        return self._ctx
+        return self._executor.submit(run).result()
 
     def teach(self, head: str, bucket: str, path: Path, hash_: str) -> Learned:
         """Make the labelled file an example (without a daemon: the head retrains on the next `hm train`)."""
@@ -115,20 +120,16 @@ class ReviewService:
     def queue(self, head: str, limit: int) -> list[Item]:
         classes = self._known_head(head).classes
 
-        def rank(ctx: Context) -> list[Item]:
-            from headmaster.learning import rank_uncertain
-            from headmaster.pipeline import hash_paths
-
-            try:
-                ranked = rank_uncertain(ctx, head)
-            except HeadmasterError:
-                ranked = []  # not trained yet: nothing to rank
-            hashes, _, _ = hash_paths(ctx.store, [u.path for u in ranked])
-            return [(Item(hashes[u.path], head, u.path.name, "uncertain", None, u.bucket,
-                          _probability(classes, u.bucket, u.score), round(u.margin, 4)), u.path)
-                    for u in ranked if u.path in hashes]
-
-        ranked = self.run_model(rank)
+        try:
+            found = self.model_call("rank_uncertain", head=head)
+        except HeadmasterError:
+            found = []  # not trained yet: nothing to rank
+        paths = [Path(u["path"]) for u in found]
+        with self._lock:  # our connection serves one thread at a time
+            hashes, _, _ = hash_paths(self.store, paths)
+        ranked = [(Item(hashes[p], head, p.name, "uncertain", None, u["guess"],
+                        _probability(classes, u["guess"], u["score"]), u["margin"]), p)
+                  for u, p in zip(found, paths) if p in hashes]
         seen = {i.id for i, _ in ranked}
         with self._lock:
             recent = [(i, p) for i, p in self._recent_sorts(head, classes, limit) if i.id not in seen]
@@ -165,14 +166,10 @@ class ReviewService:
         key = _stat_key(self.ws.checkpoint_path(head))
         cached = self._suspects.get(head)
         if cached is None or cached[0] != key:
-            def find(ctx: Context) -> list[tuple[Item, Path]]:
-                from headmaster.ranking import find_suspects
-
-                report = find_suspects(ctx, head, SUSPECT_FOLDS, TrainConfig(epochs=30))
-                return [(Item(s.hash, head, s.path.name, "example", s.bucket, s.preferred,
-                              round(s.probability, 4)), s.path) for s in report.suspects]
-
-            found = self.run_model(find)  # a head that cannot be scored yet: HeadmasterError, shown on the page
+            # a head that cannot be scored yet: HeadmasterError, shown on the page
+            report = self.model_call("suspects", head=head, folds=SUSPECT_FOLDS, epochs=SUSPECT_EPOCHS)
+            found = [(Item(x["hash"], head, Path(x["path"]).name, "example", x["bucket"], x["preferred"],
+                           x["p_bucket"]), Path(x["path"])) for x in report["suspects"]]
             with self._lock:
                 self._remember(found)
                 self._suspects[head] = (key, [i for i, _ in found])
@@ -190,18 +187,7 @@ class ReviewService:
     def evaluate(self, head: str) -> dict[str, Any]:
         self._known_head(head)
 
-        def compute(ctx: Context) -> dict[str, Any]:
-            from headmaster.evaluation import confusion_matrix
-            from headmaster.repeated import evaluate_head
-
-            parts = {}
-            if (self.ws.test_dir / head).is_dir():
-                parts["confusion"] = confusion_figures(confusion_matrix(ctx, head), self.ws.root)
-            parts["evaluate"] = evaluation_figures(evaluate_head(ctx, head, ["mlp", "prototype", "logreg"],
-                                                                 repeats=10))
-            return parts
-
-        return save_figures(self.ws, head, **self.run_model(compute))
+        return save_figures(self.ws, head, **self.model_call("figures", head=head))
 
     def image_path(self, id: str) -> Path:
         with self._lock:

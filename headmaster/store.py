@@ -92,6 +92,12 @@ class FileRecord:
     hash: str
 
 
+def damaged_message(path: Path, error: Exception) -> str:
+    """One line for a database SQLite cannot use (not a database, corrupt, or not ours)."""
+    return (f"the database {path} is damaged or not a headmaster database ({error}); "
+            f"`hm doctor` checks it, `hm doctor --rebuild-cache` sets it aside and starts a new one")
+
+
 def vector_to_blob(vector: np.ndarray) -> bytes:
     import numpy as np
 
@@ -124,11 +130,22 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                                     check_same_thread=False)
-        self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        self.conn.execute("PRAGMA journal_mode = WAL")
-        self.conn.execute("PRAGMA synchronous = NORMAL")
-        self.conn.execute("PRAGMA foreign_keys = ON")
-        self.conn.executescript(SCHEMA)
+        try:
+            self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            self.conn.execute("PRAGMA journal_mode = WAL")
+            self.conn.execute("PRAGMA synchronous = NORMAL")
+            self.conn.execute("PRAGMA foreign_keys = ON")
+            tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if tables and "models" not in tables:  # someone else's database: never add our tables to it
+                raise HeadmasterError(f"{self.path} is an SQLite database but not headmaster's (no 'models' table); "
+                                      f"move it away or run `hm doctor`")
+            self.conn.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            self.conn.close()
+            raise HeadmasterError(damaged_message(self.path, e)) from None
+        except HeadmasterError:
+            self.conn.close()
+            raise
 
     def close(self) -> None:
         self.conn.close()

@@ -60,13 +60,15 @@ def files_in(folder: Path) -> list[Path]:
 class Hmd:
     """One hmd subprocess with its config, socket and log."""
 
-    def __init__(self, root: Path, ws: Path):
+    def __init__(self, root: Path, ws: Path, daemon_keys: str = "", env: dict[str, str] | None = None):
         self.root, self.ws = root, ws
+        self.env = env or {}
         self.socket = root / "run" / "hm" / "hmd.sock"
         self.config = root / "hmd.toml"
         self.config.write_text(
             f'workspace = "{ws}"\n[daemon]\nsocket = "{self.socket}"\ndebounce_seconds = {DEBOUNCE}\n'
-            f'max_delay_seconds = 20.0\nsettle_seconds = {SETTLE}\ndevice = "cpu"\n[training]\nepochs = 20\n'
+            f'max_delay_seconds = 20.0\nsettle_seconds = {SETTLE}\ndevice = "cpu"\n{daemon_keys}'
+            f'[training]\nepochs = 20\n'
             f'[web]\nlisten = "127.0.0.1:0"\n')  # the review page on a free port (tests run side by side)
         self.log_path = root / "hmd.log"
         self.proc: subprocess.Popen | None = None
@@ -89,6 +91,7 @@ class Hmd:
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
         env.pop("HEADMASTER_CONFIG", None)
         env.update(NOTIFY_SOCKET=str(self.notify_path), WATCHDOG_USEC="1000000")  # as systemd would set them
+        env.update(self.env)
         with open(self.log_path, "a") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "headmaster.daemon.main", "--config", str(self.config)],
                                          stdout=log, stderr=log, env=env, cwd=self.root)
@@ -131,15 +134,21 @@ class Hmd:
             self.proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory, clip_path):
-    """A workspace with an untrained two-bucket head and the tiny CLIP model registered."""
-    root = tmp_path_factory.mktemp("hmd")
+def make_workspace(root: Path, clip_path: Path) -> Path:
+    """root/workspace with an untrained two-bucket head (10 red, 10 blue) and the tiny CLIP model registered."""
     ws = root / "workspace"
     fill_bucket(ws / "heads" / "colour" / "red", "red", 10, 0)
     fill_bucket(ws / "heads" / "colour" / "blue", "blue", 10, 100)
     with Store(ws / "headmaster.db") as store:
         add_model(store, "tiny-clip", str(clip_path), 24)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, clip_path):
+    """A workspace with an untrained two-bucket head and the tiny CLIP model registered."""
+    root = tmp_path_factory.mktemp("hmd")
+    ws = make_workspace(root, clip_path)
     colour_image(ws / "inbox" / "colour" / "early_red.png", "red", 99)  # waits until the head is trained
     return root, ws
 

@@ -142,3 +142,7 @@ def test_label_three_with_the_keyboard_undo_one_and_the_head_learns(hmd, browser
     wait_for(lambda: browser.find_element(By.CSS_SELECTOR, '[data-live="retrains"]').text
              == str(hmd.head()["retrains"]), 15, "the page to show the retrain", hmd)
     assert browser.execute_script("return window.__sameDocument") is True
+    maps = Path(f"/proc/{hmd.proc.pid}/maps")
+    if maps.exists():  # the page ranked, labelled and taught; the model work ran in the worker, not here
+        assert "torch" not in maps.read_text()
+        assert hmd.status()["worker"]["starts"] >= 1

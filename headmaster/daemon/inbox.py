@@ -1,6 +1,7 @@
 """The inbox: files dropped into `<inbox>/<head>/` sorted into `classified/<head>/<bucket>/`.
 
-Decisions come from the same code as `hm classify` (`decide_paths`); files move
+Decisions come from the worker process (the same code as `hm classify`, `decide_paths`),
+as plain Verdicts; this module, in the supervisor, only moves files. Files move
 with `fileops.move_into`, which links (or copies and fsyncs) before it unlinks the
 source, so at every instant the file exists at least once. `resolve_leftovers`
 removes the second copy a crash can leave, so after a restart every file
@@ -16,16 +17,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from headmaster.context import Context
 from headmaster.fileops import move_into, remove_stale_temps, unique_path
-from headmaster.heads import TrainedHead
 from headmaster.images import file_sha256
-from headmaster.sorting import decide_paths
-from headmaster.store import FileRecord, Model, Store
+from headmaster.store import FileRecord, Store
 from headmaster.daemon.watcher import is_candidate_name
 
 REJECTED = "_rejected"  # classified/<head>/_rejected/: files that cannot be read as images
-CHUNK = 16  # files decided and moved per step; the stop flag is checked between steps
+CHUNK = 16  # files decided and moved per step unless the caller says; the stop flag is checked between steps
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Where one file goes, as the worker decided: a bucket (or 'uncertain') with hash and score, or REJECTED."""
+
+    path: Path
+    bucket: str
+    hash: str | None = None
+    score: float | None = None
+    reason: str = ""  # why it is rejected
+
+
+Decide = Callable[[list[Path]], list[Verdict]]
 
 
 @dataclass
@@ -72,10 +84,12 @@ def _reindex(store: Store, source: Path, destination: Path, hash_: str | None) -
     store.put_file_records([FileRecord(str(destination), st.st_size, st.st_mtime_ns, st.st_ino, hash_)])
 
 
-def sort_files(ctx: Context, head: str, trained: TrainedHead, model: Model, paths: list[Path], dest_root: Path,
+def sort_files(store: Store, head: str, decide: Decide, paths: list[Path], dest_root: Path,
                should_stop: Callable[[], bool] = lambda: False,
-               on_placed: Callable[[Placed], None] = lambda p: None, dry_run: bool = False) -> SortResult:
-    """Decide and move each file into dest_root/<bucket>/ (or uncertain/, or _rejected/), logging every sort.
+               on_placed: Callable[[Placed], None] = lambda p: None, dry_run: bool = False,
+               chunk: int = CHUNK) -> SortResult:
+    """Decide `chunk` files at a time and move each into dest_root/<bucket>/ (or uncertain/, or _rejected/),
+    logging every sort.
 
     Never deletes a file: a file leaves the inbox only once its copy is in place.
     Stops between files when `should_stop()` turns true; unsorted files stay put.
@@ -92,27 +106,20 @@ def sort_files(ctx: Context, head: str, trained: TrainedHead, model: Model, path
         if dry_run:
             return unique_path(dest_root / bucket, path.name)
         target = move_into(path, dest_root / bucket)
-        ctx.store.log_sort(head, str(path), str(target), hash_, bucket, score)
-        _reindex(ctx.store, path, target, hash_)
+        store.log_sort(head, str(path), str(target), hash_, bucket, score)
+        _reindex(store, path, target, hash_)
         return target
 
-    for start in range(0, len(paths), CHUNK):
+    for start in range(0, len(paths), max(1, chunk)):
         if should_stop():
             break
-        chunk = paths[start : start + CHUNK]
-        decisions, embedded = decide_paths(ctx, trained, model, chunk, label=f"Sorting {head}")
-        for d in decisions:
+        for v in decide(paths[start : start + chunk]):
             if should_stop():
                 return result
-            if (target := place(d.path, d.bucket, d.hash, d.score)) is not None:
-                result.placed.append(Placed(d.path, target, d.bucket, d.score))
-                on_placed(result.placed[-1])
-        for s in embedded.skipped:
-            if should_stop():
-                return result
-            if (target := place(s.path, REJECTED, None, None)) is not None:
-                result.rejected.append(Placed(s.path, target, REJECTED, None, s.reason))
-                on_placed(result.rejected[-1])
+            if (target := place(v.path, v.bucket, v.hash, v.score)) is not None:
+                placed = Placed(v.path, target, v.bucket, v.score, v.reason)
+                (result.rejected if v.bucket == REJECTED else result.placed).append(placed)
+                on_placed(placed)
     return result
 
 

@@ -14,6 +14,8 @@ from headmaster.config import load_config
 from headmaster.daemon.logs import setup_logging
 from headmaster.errors import HeadmasterError
 
+EXIT_CONFIG = 78  # sysexits.h EX_CONFIG: the config file is unusable
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
@@ -30,7 +32,11 @@ def hmd(config_path: str | None) -> None:
     try:
         config = load_config(config_path)
         setup_logging(config)
-        from headmaster.daemon.service import Daemon  # heavy imports (torch) only once the config is good
+    except HeadmasterError as e:  # a bad config: restarting will not help (systemd: RestartPreventExitStatus=78)
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(EXIT_CONFIG)
+    try:
+        from headmaster.daemon.service import Daemon  # the supervisor: no torch; the model lives in the worker
 
         code = Daemon(config).run()
     except HeadmasterError as e:

@@ -1,13 +1,40 @@
-"""The Daemon: watches the workspace, embeds, retrains on a debounce and sorts the inbox.
+"""The Daemon (hmd's supervisor): watches the workspace, schedules work, moves files, answers hmctl.
 
-Threads and who does what:
+hmd is two processes:
+- this supervisor, which never imports torch or transformers (tests/test_daemon_worker.py pins it):
+  watchdog, APScheduler, the control socket, the review page (headmaster/web, served from its
+  own thread; its backend headmaster/daemon/review.py), the sort log and every file move
+  (headmaster/daemon/inbox.py, fileops.py, and the page's labels, undos and exclusions);
+- a worker process (headmaster/daemon/worker.py), started on demand through
+  `self.worker` (headmaster/daemon/worker_client.py), which loads the model, decodes
+  images, embeds, trains and scores, and exits after `[daemon] model_idle_seconds` without
+  work. It returns decisions; it never moves a file.
+The two talk over a socketpair with plain JSON messages (headmaster/daemon/protocol.py).
+Any model-backed answer is a named call: `self.worker.call("rank_uncertain", head=..., limit=...)`,
+`self.worker.call("suspects", head=..., folds=..., limit=...)`, the review page's `figures`,
+and the job thread's `default_model`, `embed`, `train` and `decide`.
+
+Who writes what in headmaster.db (WAL mode, busy timeout: both processes write safely):
+- the supervisor: the sort log (`sorts`), the file index after a move or removal (`files`),
+  `corrections` (learning), and `unusable` rows for files that crashed the worker twice;
+- the worker: vectors (`embeddings`), file index rows of files it hashed, `unusable` rows for
+  contents the model cannot read; and checkpoints in out/ (atomic writes, as `hm train`).
+
+Threads in the supervisor and who does what:
 - watchdog's observer thread classifies events and marks heads dirty (no I/O beyond stat);
 - APScheduler's thread runs timers only: settle checks, debounced retrains, watchdog pings;
   each timer just queues work;
-- one worker thread does all real work in order (embed, train, sort), so the model
-  and the database connection have a single user and a file is never sorted twice;
-- control threads answer the socket from a state snapshot.
+- one job thread does all real work in order (embed, train, sort), so a file is never sorted
+  twice; it waits on the worker for decisions and moves the files itself;
+- control threads answer the socket from a state snapshot (model-backed answers wait for the
+  worker, which does one thing at a time).
 Nothing polls: every thread blocks until an event, a timer or a request wakes it.
+
+Crashes: a worker that dies in a call (segfault, OOM kill, kill -9) is logged and restarted on
+the next call; the files of the call that crashed are retried once each, on their own, and a
+file that kills the worker again goes to `_rejected/` ("crashed the decoder") and is remembered
+as unusable. Damaged files of our own (headmaster.db, a checkpoint) are reported in the log and
+in `hmctl status` under `problems`; nothing is deleted or overwritten to repair them.
 """
 
 from __future__ import annotations
@@ -16,52 +43,46 @@ import fcntl
 import os
 import queue
 import signal
+import sqlite3
 import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any
 
 import sdnotify
 from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 
 from headmaster.config import Config, load_config
-from headmaster.context import Context, EmbedOptions
 from headmaster.daemon.control import ControlServer
-from headmaster.daemon.inbox import REJECTED, Placed, inbox_files, inbox_heads, resolve_leftovers, sort_files
+from headmaster.daemon.inbox import REJECTED, Placed, Verdict, inbox_files, inbox_heads, resolve_leftovers, sort_files
 from headmaster.daemon.logs import setup_logging
 from headmaster.daemon.state import CheckpointCache, DaemonState, head_fields, iso, needs_retrain
 from headmaster.daemon.watcher import Settler, WorkspaceHandler, reports_closes, start_observer
+from headmaster.daemon.worker_client import WorkerCrashed, WorkerClient, rss_mib
 from headmaster.errors import HeadmasterError
-from headmaster.heads import TrainConfig, TrainedHead
-from headmaster.learning import (Learned, confirmable, correction_counts, ensure_schema, is_correction, learn,
-                                 rank_uncertain)
-from headmaster.pipeline import hash_paths
-from headmaster.pipeline import embed_paths
-from headmaster.sorting import load_trained
-from headmaster.store import Model, Store
-from headmaster.heap import release_freed_memory
-from headmaster.training import train_one
+from headmaster.fileops import unique_path
+from headmaster.images import file_sha256
+from headmaster.learning import Learned, confirmable, correction_counts, ensure_schema, is_correction, learn
+from headmaster.pipeline import PILLOW_VERSION, hash_paths, scan_paths
+from headmaster.store import Model, Store, damaged_message
 from headmaster.workspace import Workspace
 
 STOP_GRACE_S = 8.0  # systemd's stop timeout is longer; we promise 10 s
-EMBED_CHUNK = 64  # images embedded per step at start-up; the stop flag is checked between steps
-COMMANDS = ("status", "retrain", "rescan", "pause", "resume", "reload", "uncertain", "ping")
-CALL_TIMEOUT_S = 120.0  # how long a control request waits for the worker
+COMMANDS = ("status", "retrain", "rescan", "pause", "resume", "reload", "uncertain", "suspects", "ping")
+CALL_TIMEOUT_S = 120.0  # how long a control request waits for the worker to be free
+CRASHED = "crashed the decoder"  # the reason given for a file that killed the worker twice
 
 
 @dataclass(frozen=True)
 class Task:
-    kind: str  # startup | settled | retrain | sort | forget | rescan | confirm | call
+    kind: str  # startup | settled | retrain | sort | forget | rescan | confirm
     head: str | None = None
     paths: tuple[Path, ...] = ()
     force: bool = False
-    call: Callable[[], Any] | None = None  # kind 'call': run on the worker, result into `future`
-    future: Future | None = None
 
 
 _STOP = Task("stop")
@@ -83,17 +104,19 @@ class Daemon:
             timezone=timezone.utc,
             job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1})
         self.notifier = sdnotify.SystemdNotifier()
-        self.ctx: Context | None = None
+        self.store: Store | None = None  # the supervisor's own connection; None while headmaster.db is unusable
         self.server: ControlServer | None = None
         self.observer = None
-        self.worker: threading.Thread | None = None
+        self.worker = WorkerClient({"workspace": str(self.ws.root), "device": config.daemon.device,
+                                    "backend": config.embedding.backend},
+                                   config.daemon.model_idle_seconds)
+        self.jobs: threading.Thread | None = None
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._stop_asked = False
         self._reload_asked = False
         self._settle_lock = threading.Lock()
         self._settle_armed: float | None = None
-        self._trained: dict[str, tuple[tuple[int, int], TrainedHead, Model]] = {}
         self._told: set[str] = set()  # messages logged once until the situation changes
         self._lock_fd: int | None = None
         self.web = None  # the review page's server (headmaster.web.server.WebServer), when [web] enabled
@@ -135,11 +158,8 @@ class Daemon:
     def start(self) -> None:
         for folder in (self.ws.heads_dir, self.ws.out_dir, self.classified_dir, self.inbox_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
         self._take_lock()
-        self.ctx = Context.open(str(self.ws.root), EmbedOptions(device=self.config.daemon.device or None,
-                                                                 progress=False,
-                                                                 backend=self.config.embedding.backend),
-                                notify=logger.info)
         self.server = ControlServer(self.socket_path, self.handle_request,
                                     on_bad_request=lambda: self.state.count("bad_requests"))
         self.server.start()
@@ -153,10 +173,12 @@ class Daemon:
         self.observer = start_observer(handler, folders)
         if self.config.learning.confirm_after_days > 0:
             self.scheduler.add_job(self.tasks.put, "interval", args=[Task("confirm")], hours=1, id="confirm")
-        self.worker = threading.Thread(target=self._work, name="hmd-worker", daemon=True)
-        self.worker.start()
-        logger.info("hmd {} started: workspace {}, inbox {}, socket {}", os.getpid(), self.ws.root, self.inbox_dir,
-                    self.socket_path)
+        self.jobs = threading.Thread(target=self._work, name="hmd-jobs", daemon=True)
+        self.jobs.start()
+        # ready now: the socket answers; the model loads in the worker when there is work for it
+        self.notifier.notify("READY=1")
+        logger.info("hmd {} ready in {:.2f}s: workspace {}, inbox {}, socket {}", os.getpid(),
+                    time.perf_counter() - started, self.ws.root, self.inbox_dir, self.socket_path)
         self.tasks.put(Task("startup"))
         self._start_web()
 
@@ -173,12 +195,13 @@ class Daemon:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         self.tasks.put(_STOP)
-        if self.worker is not None:
-            self.worker.join(timeout=STOP_GRACE_S)
-            if self.worker.is_alive():
+        self.worker.close()  # a job waiting on the worker returns at once; no file is mid-move in the worker
+        if self.jobs is not None:
+            self.jobs.join(timeout=STOP_GRACE_S)
+            if self.jobs.is_alive():
                 logger.warning("the current job did not finish within {}s; exiting anyway", STOP_GRACE_S)
-        if self.ctx is not None and not (self.worker and self.worker.is_alive()):
-            self.ctx.close()
+        if self.store is not None and not (self.jobs and self.jobs.is_alive()):
+            self.store.close()
         logger.info("stopped")
 
     def _take_lock(self) -> None:
@@ -203,7 +226,7 @@ class Daemon:
         interval = max(0.5, int(usec) / 1e6 / 2)  # ping at twice the rate systemd asks for
 
         def ping() -> None:
-            if self.worker is not None and self.worker.is_alive():
+            if self.jobs is not None and self.jobs.is_alive():
                 self.notifier.notify("WATCHDOG=1")
 
         self.scheduler.add_job(ping, "interval", seconds=interval, id="watchdog")
@@ -221,7 +244,8 @@ class Daemon:
             self.review = DaemonReview(self)
             self.web = WebServer(self.review, web.listen, web.token)
             url = self.web.start()
-        except (WebError, OSError) as e:  # the daemon's sorting matters more than its page: go on without it
+        except (WebError, OSError, HeadmasterError, sqlite3.DatabaseError) as e:
+            # the daemon's sorting matters more than its page (e.g. a damaged headmaster.db): go on without it
             self.web_error = str(e)
             logger.error("review page not served: {}", e)
             return
@@ -249,6 +273,7 @@ class Daemon:
                                                                    new.daemon.device)) if old != now]
         self.config = new
         self.settler.settle_seconds = new.daemon.settle_seconds
+        self.worker.set_idle_seconds(new.daemon.model_idle_seconds)
         if restart:
             logger.warning("config reloaded; restart hmd to apply: {}", ", ".join(restart))
         else:
@@ -327,19 +352,27 @@ class Daemon:
         if next_due is not None:
             self._arm_settle(next_due)
 
-    # -- the worker ----------------------------------------------------------------------
+    # -- the job thread ------------------------------------------------------------------
     def _work(self) -> None:
         while True:
             task = self.tasks.get()
             if task is _STOP or self._stopping.is_set():
                 return
             try:
-                if task.kind != "call":
-                    self._set_activity(task.kind)
-                self._do(task)
+                self._set_activity(task.kind)
+                if self._store_ready():
+                    self._do(task)
+            except WorkerCrashed as e:
+                if self._stopping.is_set():
+                    return
+                self.state.count("errors")
+                logger.error("{}: {}", task.kind, e)
             except HeadmasterError as e:
                 self.state.count("errors")
                 logger.error("{}: {}", task.kind, e)
+            except sqlite3.DatabaseError as e:  # damaged while we ran: report it, stop using it, keep running
+                self.state.count("errors")
+                self._database_lost(e)
             except Exception:
                 self.state.count("errors")
                 logger.exception("{} failed", task.kind)
@@ -359,19 +392,50 @@ class Daemon:
         elif task.kind == "sort":
             self._sort_inbox(task.head)
         elif task.kind == "forget":
-            self.ctx.store.forget_files(str(p) for p in task.paths)
+            self.store.forget_files(str(p) for p in task.paths)
         elif task.kind == "confirm":
             self._confirm()
-        elif task.kind == "call":
-            try:
-                task.future.set_result(task.call())
-            except BaseException as e:
-                task.future.set_exception(e)
+
+    # -- our own files: the database ----------------------------------------------------
+    def _store_ready(self) -> bool:
+        """Open headmaster.db if it is not open; a damaged one is reported (log, status), never touched."""
+        if self.store is not None:
+            return True
+        try:
+            store = Store(self.ws.db_path)
+            ensure_schema(store)
+        except HeadmasterError as e:
+            self._problem("database", str(e))
+            return False
+        except sqlite3.DatabaseError as e:
+            self._problem("database", damaged_message(self.ws.db_path, e))
+            return False
+        self.store = store
+        self._problem("database", None)
+        return True
+
+    def _database_lost(self, error: Exception) -> None:
+        self._problem("database", damaged_message(self.ws.db_path, error))
+        if self.store is not None:
+            self.store.close()
+            self.store = None  # the next job (or `hmctl rescan`) tries again
+
+    def _problem(self, key: str, message: str | None) -> None:
+        """Report a damaged file of our own once (log + status), or clear it when it is fine again."""
+        with self.state.lock:
+            before = self.state.problems.get(key)
+            if message is None:
+                self.state.problems.pop(key, None)
+            else:
+                self.state.problems[key] = message
+        if message is not None and message != before:
+            logger.error("{}: {}; files wait, nothing is changed until it is fixed", key, message)
+        elif message is None and before is not None:
+            logger.info("{}: fine again", key)
 
     def _startup(self) -> None:
         self._set_activity("reconciling")
-        ensure_schema(self.ctx.store)
-        left = resolve_leftovers(self.ctx.store, self.inbox_dir, self.classified_dir)
+        left = resolve_leftovers(self.store, self.inbox_dir, self.classified_dir)
         if left.temps:
             logger.info("removed {} temporary file(s) left by an interrupted move", left.temps)
         for dup, kept in left.duplicates:
@@ -381,8 +445,7 @@ class Daemon:
         self._sort_all()
         if self.config.learning.confirm_after_days > 0:
             self._confirm()
-        self.notifier.notify("READY=1")
-        logger.info("ready: {} head(s), {} file(s) waiting in the inbox", len(self.ws.head_names()),
+        logger.info("start-up checks done: {} head(s), {} file(s) waiting in the inbox", len(self.ws.head_names()),
                     self._queued_total())
         if not self.ws.head_names():
             logger.info("no heads yet: make {}/<head>/<bucket>/ folders and drop example photos in them; hmd then "
@@ -391,9 +454,9 @@ class Daemon:
     def _reconcile(self) -> None:
         """Find what changed while we were not watching: stat-only against the file index."""
         live = {str(p) for name in self.ws.head_names() for p, _ in self.ws.head(name).labelled_images()}
-        gone = [r.path for r in self.ctx.store.files_under(str(self.ws.heads_dir) + os.sep) if r.path not in live]
+        gone = [r.path for r in self.store.files_under(str(self.ws.heads_dir) + os.sep) if r.path not in live]
         if gone:
-            self.ctx.store.forget_files(gone)
+            self.store.forget_files(gone)
             logger.info("{} example(s) removed while hmd was down", len(gone))
         model = self._model() if self.ws.head_names() else None  # no heads: no model to prepare yet
         for name in self.ws.head_names():
@@ -401,6 +464,8 @@ class Daemon:
             if model is None or self._stopping.is_set():
                 continue
             self._embed(model, [p for p, _ in self.ws.head(name).labelled_images()], name)
+            if self._checkpoint_damaged(name):
+                continue
             fresh = needs_retrain(self.ws, name, model.name)
             if fresh.retrain:
                 logger.info("head {}: {}: retraining", name, fresh.reason)
@@ -409,24 +474,102 @@ class Daemon:
 
     def _model(self) -> Model | None:
         try:
-            return self.ctx.active_model()
+            return self.store.active_model() if self.store.models() else self._register_default_model()
         except HeadmasterError as e:
             self._tell_once("model", f"{e}; then `hmctl rescan`")
             return None
 
+    def _register_default_model(self) -> Model:
+        """No model registered yet: the worker registers the built-in backbone as `default` (preparing it
+        needs torch, which the supervisor never imports) and says so in one line."""
+        for notice in self._call("default_model")["notices"]:
+            logger.info(notice)
+        return self.store.active_model()
+
     def _embed(self, model: Model, paths: list[Path], head: str) -> None:
-        for start in range(0, len(paths), EMBED_CHUNK):
+        """Make sure the examples have vectors: only files the cache lacks go to the worker."""
+        todo, unusable = self._uncached(model, paths)
+        for path, reason in unusable:
+            self._unreadable_example(path, reason)
+        chunk = self.config.daemon.max_batch_images
+        for start in range(0, len(todo), chunk):
             if self._stopping.is_set():
                 return
             self._set_activity(f"embedding {head}")
-            result = embed_paths(self.ctx.store, model, paths[start : start + EMBED_CHUNK], device=self.ctx.options.device,
-                                 progress=False, label=f"Embedding {head}")
-            if result.embedded:
-                logger.info("head {}: embedded {} new image(s)", head, result.embedded)
-            for s in result.skipped:
-                if s.reason != "file vanished" and self._tell_once(f"unreadable:{s.path}", f"cannot use example {s.path}: "
-                                                                                           f"{s.reason}"):
-                    self.state.count("unreadable_examples")
+            results, crashed = self._call_per_file("embed", todo[start : start + chunk])
+            embedded = sum(r["embedded"] for r in results)
+            if embedded:
+                logger.info("head {}: embedded {} new image(s)", head, embedded)
+            for path_, reason in (s for r in results for s in r["skipped"]):
+                if reason != "file vanished":
+                    self._unreadable_example(Path(path_), reason)
+            for path in crashed:
+                self._unreadable_example(path, CRASHED)
+
+    def _unreadable_example(self, path: Path, reason: str) -> None:
+        if self._tell_once(f"unreadable:{path}", f"cannot use example {path}: {reason}"):
+            self.state.count("unreadable_examples")
+
+    def _uncached(self, model: Model, paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+        """(files the worker must embed, known files the model cannot use with their reasons), from the
+        file index and the cache alone: an unchanged, cached labelled set never wakes the worker."""
+        scan = scan_paths(self.store, paths, model.id)
+        missing = {p: h for p, h in scan.known.items() if h not in scan.cached}
+        bad = self.store.unusable(model.id, set(missing.values()), PILLOW_VERSION) if missing else {}
+        todo = [p for p, h in missing.items() if h not in bad] + [p for p, _, _ in scan.to_read]
+        return todo, [(p, bad[h]) for p, h in missing.items() if h in bad]
+
+    def _call_per_file(self, op: str, paths: list[Path], **args: Any) -> tuple[list[Any], list[Path]]:
+        """Run `op` over `paths` in the worker; if the worker dies, retry each of those files once, alone.
+
+        Returns (the results, the files that crashed the worker a second time). Those are remembered as
+        unusable for the active model, so neither hmd nor hm decodes them again (until Pillow changes).
+        """
+        try:
+            return [self.worker.call(op, paths=[str(p) for p in paths], **args)], []
+        except WorkerCrashed as e:
+            if self._stopping.is_set():
+                raise
+            self._worker_crashed(e, len(paths))
+        results, crashed = [], []
+        for path in paths:
+            try:
+                results.append(self.worker.call(op, paths=[str(path)], **args))
+            except WorkerCrashed as e:
+                if self._stopping.is_set():
+                    raise
+                self._worker_crashed(e, 1)
+                crashed.append(path)
+        self._remember_crashes(crashed)
+        return results, crashed
+
+    def _worker_crashed(self, error: WorkerCrashed, files: int) -> None:
+        self.state.count("errors")
+        logger.error("{}; restarting it{}", error, f" and retrying its {files} file(s) one by one" if files > 1
+                     else " and retrying the file once" if files == 1 else "")
+
+    def _remember_crashes(self, paths: list[Path]) -> None:
+        model = self._model()
+        if model is None:
+            return
+        found = []
+        for path in paths:
+            logger.error("{} crashed the worker twice: never decoded again by this model", path)
+            try:
+                found.append((file_sha256(path), CRASHED))
+            except OSError:
+                pass
+        self.store.put_unusable(model.id, found, PILLOW_VERSION)
+
+    def _call(self, op: str, **args: Any) -> Any:
+        """A worker call that is retried once if the worker dies in it."""
+        try:
+            return self.worker.call(op, **args)
+        except WorkerCrashed as e:
+            if self._stopping.is_set():
+                raise
+            self._worker_crashed(e, 0)
+        return self.worker.call(op, **args)
 
     def _settled(self, paths: tuple[Path, ...]) -> None:
         examples: dict[str, list[Path]] = defaultdict(list)
@@ -451,19 +594,19 @@ class Daemon:
     # -- learning from corrections -------------------------------------------------------
     def _learn(self, paths: list[Path]) -> None:
         """Files the user put into classified/<head>/<bucket>/ become examples of that bucket."""
-        hashes, _, _ = hash_paths(self.ctx.store, paths)
+        hashes, _, _ = hash_paths(self.store, paths)
         for path, hash_ in hashes.items():
             head, bucket, _ = path.relative_to(self.classified_dir).parts
             if head not in self.ws.head_names():
                 continue
-            if not is_correction(self.ctx.store, head, bucket, path, hash_):
+            if not is_correction(self.store, head, bucket, path, hash_):
                 continue
             self._teach(head, bucket, path, hash_, "correction")
 
     def _teach(self, head: str, bucket: str, path: Path, hash_: str, kind: str, store: Store | None = None
                ) -> Learned:
         """Learn one example; `store`: the caller's connection (the review page teaches from its own thread)."""
-        learned = learn(store or self.ctx.store, self.ws, head, bucket, path, hash_, kind)
+        learned = learn(store or self.store, self.ws, head, bucket, path, hash_, kind)
         if learned.action == "unchanged":
             return learned
         was = f" (was {learned.previous})" if learned.previous and learned.previous != bucket else ""
@@ -476,18 +619,9 @@ class Daemon:
 
     def _confirm(self) -> None:
         """Confident sorts the user left alone for confirm_after_days become examples too."""
-        for head, bucket, path, hash_ in confirmable(self.ctx.store, self.ws, self.config.learning.confirm_after_days):
+        for head, bucket, path, hash_ in confirmable(self.store, self.ws, self.config.learning.confirm_after_days):
             if head in self.ws.head_names():
                 self._teach(head, bucket, path, hash_, "confirmed")
-
-    def _on_worker(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` on the worker thread (the one that owns the model and the database) and wait."""
-        future: Future = Future()
-        self.tasks.put(Task("call", call=fn, future=future))
-        try:
-            return future.result(timeout=CALL_TIMEOUT_S)
-        except TimeoutError:
-            raise HeadmasterError(f"hmd is busy; try again (no answer within {CALL_TIMEOUT_S:.0f}s)") from None
 
     def _retrain(self, head: str, force: bool) -> None:
         if head not in self.ws.head_names():
@@ -507,6 +641,10 @@ class Daemon:
         model = self._model()
         if model is None:
             return
+        if self._checkpoint_damaged(head):
+            if not force:
+                return  # never trained over without the user asking (`hmctl retrain`, `hm train`)
+            self._set_damaged_checkpoint_aside(head)
         if not force:
             fresh = needs_retrain(self.ws, head, model.name)
             if not fresh.retrain:
@@ -520,12 +658,14 @@ class Daemon:
             self._tell_once(f"cannot-train:{head}:{h.last_error}", f"head {head} cannot train yet: {h.last_error}")
             return
         t = self.config.training
+        # examples that crash the worker are found one by one here and skipped by training
+        self._embed(model, [p for p, _ in labelled.labelled_images()], head)
         self._set_activity(f"training {head}")
         with self.state.lock:
             h.training = True
         started = time.perf_counter()
         try:
-            report = train_one(self.ctx, head, TrainConfig(epochs=t.epochs, lr=t.lr, seed=t.seed))
+            report = self._call("train", head=head, epochs=t.epochs, lr=t.lr, seed=t.seed)
         except HeadmasterError as e:
             with self.state.lock:
                 h.last_error = str(e)
@@ -533,13 +673,12 @@ class Daemon:
         finally:
             with self.state.lock:
                 h.training = False
-            release_freed_memory()  # the daemon idles after this: give training's freed memory back
         with self.state.lock:
             h.retrains += 1
             h.last_error = None
-        m = report.metrics
+        m = report["metrics"]
         score = f"F1 {m['f1']:.2f}" if "f1" in m else f"accuracy {m.get('accuracy', 0):.2f}"
-        logger.success("trained {} ({}, {} images) in {:.1f}s: {}", head, report.head_type, report.images,
+        logger.success("trained {} ({}, {} images) in {:.1f}s: {}", head, report["head_type"], report["images"],
                        time.perf_counter() - started, score)
         self._sort_inbox(head)
 
@@ -550,21 +689,43 @@ class Daemon:
                 return
             self._sort_inbox(head)
 
-    def _load_trained(self, head: str) -> tuple[TrainedHead, Model]:
-        """The head's checkpoint, loaded once per version of the file."""
+    def _checkpoint_damaged(self, head: str) -> bool:
+        """True (and reported once, in the log and in status) when out/<head>.pt exists but cannot be read."""
+        summary = self.checkpoints.summary(self.ws.checkpoint_path(head))
+        error = summary.get("error") if summary else None
+        self._problem(f"checkpoint {head}", error)
+        return error is not None
+
+    def _set_damaged_checkpoint_aside(self, head: str) -> None:
+        """The user asked for a retrain over a damaged checkpoint: keep the damaged file, renamed."""
         path = self.ws.checkpoint_path(head)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            raise HeadmasterError(f"head '{head}' is not trained yet") from None
-        key = (st.st_mtime_ns, st.st_size)
-        hit = self._trained.get(head)
-        model = self.ctx.active_model()
-        if hit and hit[0] == key and hit[2] == model:
-            return hit[1], hit[2]
-        trained, model = load_trained(self.ctx, head)
-        self._trained[head] = (key, trained, model)
-        return trained, model
+        aside = unique_path(path.parent, f"{path.name}.damaged")
+        os.rename(path, aside)
+        logger.warning("head {}: damaged checkpoint kept as {}; training a new one", head, aside)
+        self._problem(f"checkpoint {head}", None)
+
+    def _sortable(self, head: str) -> str | None:
+        """Why the head cannot sort now (checked without the worker), or None."""
+        summary = self.checkpoints.summary(self.ws.checkpoint_path(head))
+        if summary is None:
+            return f"head '{head}' is not trained yet"
+        if self._checkpoint_damaged(head):
+            return summary["error"]
+        model = self._model()
+        if model is None:
+            return "no active model"
+        if summary["model"] != model.name:
+            return (f"head '{head}' was trained with model '{summary['model']}' but the active model is "
+                    f"'{model.name}'")
+        return None
+
+    def _verdicts(self, head: str, paths: list[Path]) -> list[Verdict]:
+        """The worker's decisions for `paths`; a file that crashes the worker twice is rejected."""
+        results, crashed = self._call_per_file("decide", paths, head=head)
+        out = [Verdict(Path(p), bucket, hash_, score) for r in results for p, bucket, hash_, score in r["decisions"]]
+        out += [Verdict(Path(p), REJECTED, None, None, reason) for r in results for p, reason in r["unusable"]]
+        out += [Verdict(p, REJECTED, None, None, CRASHED) for p in crashed]
+        return out
 
     def _sort_inbox(self, head: str, settled: set[Path] = frozenset()) -> None:
         """Sort every settled file in <inbox>/<head>/; files stay when paused or the head cannot sort yet.
@@ -597,10 +758,8 @@ class Daemon:
             self._tell_once(f"nohead:{head}", f"inbox/{head}: no head '{head}' in {self.ws.heads_dir}; "
                                               f"{len(ready)} file(s) wait")
             return
-        try:
-            trained, model = self._load_trained(head)
-        except HeadmasterError as e:
-            self._tell_once(f"wait:{head}:{e}", f"inbox/{head}: {len(ready)} file(s) wait: {e}")
+        if (why := self._sortable(head)) is not None:
+            self._tell_once(f"wait:{head}:{why}", f"inbox/{head}: {len(ready)} file(s) wait: {why}")
             return
         dry_run = self.config.inbox.dry_run
         if dry_run:  # files stay in the inbox: report each version of a file once
@@ -608,8 +767,15 @@ class Daemon:
             if not ready:
                 return
         self._set_activity(f"sorting {head}")
-        result = sort_files(self.ctx, head, trained, model, ready, self.classified_dir / head,
-                            should_stop=self._stopping.is_set, on_placed=self._placed, dry_run=dry_run)
+        try:
+            result = sort_files(self.store, head, lambda paths: self._verdicts(head, paths), ready,
+                                self.classified_dir / head, should_stop=self._stopping.is_set,
+                                on_placed=self._placed, dry_run=dry_run, chunk=self.config.daemon.max_batch_images)
+        except WorkerCrashed:
+            raise
+        except HeadmasterError as e:  # the worker cannot use the head (e.g. its checkpoint will not load)
+            self._tell_once(f"wait:{head}:{e}", f"inbox/{head}: files wait: {e}")
+            return
         if dry_run:
             self._dry_reported.update(self._dry_key(p.source) for p in result.placed + result.rejected)
 
@@ -671,23 +837,38 @@ class Daemon:
             head, limit = request.get("head"), request.get("limit")
             if not isinstance(head, str) or not (limit is None or isinstance(limit, int) and limit > 0):
                 raise HeadmasterError("uncertain needs 'head' (a string) and an optional positive 'limit'")
-            ranked = self._on_worker(lambda: rank_uncertain(self.ctx, head, limit))
-            return [{"path": str(u.path), "guess": u.bucket, "score": round(u.score, 4), "margin": round(u.margin, 4)}
-                    for u in ranked]
+            return self.worker_call("rank_uncertain", head=head, limit=limit)
+        if cmd == "suspects":
+            head, folds, limit = request.get("head"), request.get("folds", 5), request.get("limit")
+            if not isinstance(head, str) or not (isinstance(folds, int) and folds >= 2) \
+                    or not (limit is None or isinstance(limit, int) and limit > 0):
+                raise HeadmasterError("suspects needs 'head' (a string), an optional 'folds' (2 or more) and an "
+                                      "optional positive 'limit'")
+            return self.worker_call("suspects", head=head, folds=folds, limit=limit)
         raise HeadmasterError(f"unknown command {cmd!r} (commands: {', '.join(COMMANDS)})")
+
+    def worker_call(self, op: str, **args: Any) -> Any:
+        """A model-backed answer for hmctl or the review page: the worker's named operation (the worker
+        uses the built-in `default` model when none is registered); waits while the worker is busy."""
+        return self.worker.call(op, timeout=CALL_TIMEOUT_S, **args)
 
     def status(self) -> dict[str, Any]:
         """Everything `hmctl status` shows; reads a snapshot, never blocks on the worker."""
-        try:
-            with Store(self.ws.db_path) as store:
-                model = store.active_model().name
-        except HeadmasterError:
-            model = None
+        model = None
         heads: dict[str, Any] = {}
         learned: dict[str, dict[str, int]] = {}
-        with Store(self.ws.db_path) as store:
-            for name in self.ws.head_names():
-                learned[name] = correction_counts(store, name)
+        try:
+            with Store(self.ws.db_path) as store:
+                try:
+                    model = store.active_model().name
+                except HeadmasterError:
+                    pass
+                for name in self.ws.head_names():
+                    learned[name] = correction_counts(store, name)
+        except HeadmasterError as e:
+            self._problem("database", str(e))
+        except sqlite3.DatabaseError as e:
+            self._problem("database", damaged_message(self.ws.db_path, e))
         for name in self.ws.head_names():
             try:
                 labelled = self.ws.head(name)
@@ -711,9 +892,17 @@ class Daemon:
             extra = {"paused": s.paused, "activity": s.activity, "errors": s.errors,
                      "unreadable_examples": s.unreadable_examples, "bad_requests": s.bad_requests,
                      "duplicates_resolved": s.duplicates_resolved}
+            problems = dict(s.problems)
+        for name, h in heads.items():
+            if h["error"] and not h["trained"] and f"checkpoint {name}" not in problems \
+                    and self.ws.checkpoint_path(name).exists():
+                problems[f"checkpoint {name}"] = h["error"]
         return {
             "pid": os.getpid(),
+            "rss_mib": rss_mib(),
             "uptime_s": round(time.time() - self.state.started, 1),
+            "worker": self.worker.info(),
+            "problems": problems,
             "model": model,
             "workspace": str(self.ws.root),
             "config": str(self.config.source) if self.config.source else None,

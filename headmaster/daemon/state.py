@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from headmaster.errors import HeadmasterError
-from headmaster.heads import read_checkpoint
+from headmaster.checkpoint_meta import read_checkpoint_meta as read_checkpoint  # no torch in the supervisor
 from headmaster.workspace import LabelledSet, Workspace
 
 
@@ -44,6 +44,7 @@ class DaemonState:
     duplicates_resolved: int = 0  # inbox copies removed at start because the file was already sorted
     errors: int = 0  # failed jobs (logged)
     bad_requests: int = 0  # malformed or oversized control requests
+    problems: dict[str, str] = field(default_factory=dict)  # damaged files of our own ('database', 'checkpoint X')
     activity: str = "starting"
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
