@@ -103,10 +103,9 @@ class ReviewService:
             errors, warnings = labelled.problems()
             with self._lock:  # our connection serves one thread at a time
                 leaks, _ = indexed_leaks(self.ws, self.store, name, labelled)
-            uncertain = self.ws.classified_dir / name / UNCERTAIN
             heads[name] = {
                 **head_fields(labelled, ck),
-                "uncertain": len(list_images(uncertain)[0]) if uncertain.is_dir() else 0,
+                "uncertain": _count_images(self.ws.classified_dir / name / UNCERTAIN),
                 "excluded": _count_images(self.ws.heads_dir / name / EXCLUDED),
                 "warnings": errors + warnings + [leak.describe(self.ws.root) for leak in leaks],
                 **{k: v for k, v in live_heads.get(name, {}).items() if k not in ("buckets", "metrics")},
