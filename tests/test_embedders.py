@@ -38,3 +38,16 @@ def test_device_override_and_errors():
     assert pick_device("cpu").type == "cpu"
     with pytest.raises(HeadmasterError, match="unknown device"):
         pick_device("toaster")
+
+
+@pytest.mark.parametrize("fixture, layout", [("timm_path", "channels_last"), ("clip_path", "contiguous_format")])
+def test_cnns_run_channels_last_on_the_cpu_with_the_same_vectors(request, fixture, layout):
+    import torch
+
+    e = load_embedder("m", str(request.getfixturevalue(fixture)), device="cpu")
+    assert e.memory_format == getattr(torch, layout)
+    pixels = np.random.default_rng(0).normal(size=(3, 3, 32, 32))
+    fast = e.embed_pixels(pixels.astype(np.float32))
+    e.model.to(memory_format=torch.contiguous_format)
+    e.memory_format = torch.contiguous_format
+    np.testing.assert_allclose(fast, e.embed_pixels(pixels.astype(np.float32)), rtol=1e-4, atol=1e-5)

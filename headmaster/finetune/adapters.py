@@ -45,6 +45,9 @@ def add_adapters(model: nn.Module, rank: int, alpha: float, targets: list[str]) 
     from peft import inject_adapter_in_model
 
     inject_adapter_in_model(lora_config(rank, alpha, targets), model)
+    if any(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+           for p in model.parameters() if p.dim() == 4):
+        model.to(memory_format=torch.channels_last)  # the new adapter convolutions in the base's layout
     params = {}
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
@@ -133,6 +136,7 @@ def load_adapted(name: str, path: str, expected_dim: int | None, device: str | N
                                       f"{key} has shape {tuple(weights[key].shape)}, expected {tuple(p.shape)}")
             p.copy_(weights[key].to(p.dtype))
     merge_adapters(embedder.model)
+    embedder.model.to(memory_format=embedder.memory_format)  # merged weights may have left the fast layout
     embedder.model.requires_grad_(False)
     embedder.model.eval()
     if expected_dim is not None and embedder.dim != expected_dim:

@@ -89,7 +89,7 @@ class Trunk:
 
         handle = blocks_of(self.embedder.model, self.rule)[self.split].register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            self.embedder.rule.extract(self.embedder.model, pixels.to(self.embedder.device, self.embedder.dtype))
+            self.embedder.rule.extract(self.embedder.model, self.embedder.place(pixels))
         except _Stop:
             pass
         finally:
@@ -122,7 +122,7 @@ class Trunk:
         from headmaster.embedders import _probe_size
 
         h, w = (STAND_IN_SIDE, STAND_IN_SIDE) if self.rule.any_size else _probe_size(self.embedder.processor)
-        return torch.zeros((batch, 3, h, w), dtype=self.embedder.dtype, device=self.embedder.device)
+        return self.embedder.place(torch.zeros((batch, 3, h, w)))
 
 
 @dataclass
@@ -133,7 +133,7 @@ class Replay:
     def __call__(self, activations: torch.Tensor) -> torch.Tensor:
         """Backbone vectors (the embedding rule's output) for trunk activations."""
         e = self.trunk.embedder
-        self.fed[:] = [activations.to(e.device, e.dtype)]
+        self.fed[:] = [e.place(activations)]
         try:
             return e.rule.extract(e.model, self.trunk.stand_in(len(activations)))
         finally:
