@@ -3,14 +3,15 @@
 ../shared/data/clothing/train/ becomes heads/clothing/<class>/ (fine-tuned on, with the usual
 80/20 split), validation/ is the test set nobody trains on. Base model:
 ../shared/models/efficientnet-lite0. For each seed: the frozen head (`hm train --seed S`), a
-logistic-regression probe on the same 80% split, and `hm finetune --heads clothing --seed S
---activate` (the library function the command calls), whose retrained head is scored on
-validation/ with vectors from the adapter folder loaded as a registered model (the merged model,
-as every command uses it). The trunk activations are computed once and reused by every seed
+logistic-regression probe on the same 80% split, and `hm finetune --heads clothing --seed S`
+(the library function the command calls), then what the user has afterwards: if the fine-tuned
+model won on the split's validation images, its retrained head, scored on validation/ with vectors
+from the adapter folder loaded as a registered model (the merged model, as every command uses
+it); if not, the frozen head it left in place (`--activate` scores the new model always). The trunk activations are computed once and reused by every seed
 (an image's augmented views depend on the image only). Prints a Markdown table and the time of
 every stage.
 
-    uv run python bench/finetune.py [--shared ../shared] [--seeds 3] [--ft-epochs 5] [--blocks 1] [--views 2]
+    uv run python bench/finetune.py [--shared ../shared] [--seeds 3] [--ft-epochs N] [--blocks N] [--views N] [--lr X] [--keep]
 """
 
 from __future__ import annotations
@@ -102,6 +103,10 @@ def main() -> None:
                              "the full set does not fit the time); validation/ is always whole")
     parser.add_argument("--keep", action="store_true",
                         help="keep the workdir's database (cached vectors) and trunk activations (views.pt)")
+    parser.add_argument("--activate", action="store_true",
+                        help="activate every fine-tuned model (hm finetune --activate); by default a model that "
+                             "does not beat the frozen head on the split's validation images leaves it in place, "
+                             "as the command does, and the frozen head is what gets scored")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = parser.parse_args()
     data, base_path = args.shared / "data" / "clothing", args.shared / "models" / "efficientnet-lite0"
@@ -150,18 +155,20 @@ def main() -> None:
                                     blocks=args.blocks, views=args.views, lr=args.lr, head_lr=args.lr / 10,
                                     seed=seed)
             t0 = time.perf_counter()
-            report = finetune(ctx, ["clothing"], f"lite0-ft-seed{seed}", config, activate=True, views=views,
-                              say=lambda s: print("  " + s, flush=True))
+            report = finetune(ctx, ["clothing"], f"lite0-ft-seed{seed}", config, activate=args.activate,
+                              views=views, say=lambda s: print("  " + s, flush=True))
             t_ft = time.perf_counter() - t0
             if not views_file.exists():
                 import torch
 
                 torch.save({"plain": views.plain, "augmented": views.augmented, "failed": views.failed}, views_file)
-            x_ft, t_test = test_vectors(ctx, report.name, test_paths)
+            # what the user has afterwards: the new model and its retrained head, or (not improved) the frozen head
+            active = ctx.store.active_model().name
+            x_ft, t_test = test_vectors(ctx, active, test_paths) if active != "lite0" else (x_base, 0.0)
             lpft = head_accuracy(ctx, x_ft, y_test, classes)
             row = {"seed": seed, "frozen": frozen, "probe": probe, "lpft": lpft,
                    "val_frozen": report.frozen_accuracy, "val_lpft": report.best_accuracy,
-                   "best_epoch": report.best_epoch, "head_seconds": t_head, "finetune_seconds": t_ft,
+                   "best_epoch": report.best_epoch, "activated": report.activated, "head_seconds": t_head, "finetune_seconds": t_ft,
                    "trunk_seconds": report.trunk_seconds, "ft_seconds": report.ft_seconds,
                    "epoch_seconds": [e.seconds for e in report.epochs[1:]],
                    "test_embed_seconds": t_test, "config": vars(report.config) if hasattr(report.config, "__dict__")
@@ -169,7 +176,7 @@ def main() -> None:
             rows.append(row)
             print(f"seed {seed}: frozen head {frozen:.3f}, probe {probe:.3f}, LP-FT {lpft:.3f} "
                   f"(split validation {report.frozen_accuracy:.3f} -> {report.best_accuracy:.3f}, "
-                  f"best epoch {report.best_epoch}); finetune {t_ft:.0f}s (trunk pass {report.trunk_seconds:.0f}s, "
+                  f"best epoch {report.best_epoch}, {'activated' if report.activated else 'base kept'}); finetune {t_ft:.0f}s (trunk pass {report.trunk_seconds:.0f}s, "
                   f"epochs {' '.join(f'{s:.0f}' for s in row['epoch_seconds'])}s), test embed {t_test:.0f}s",
                   flush=True)
     print(f"end: {uptime()}")
@@ -180,7 +187,7 @@ def main() -> None:
     print("|---|---|---|")
     for key, label in (("frozen", "frozen head (`hm train --seed S`)"),
                        ("probe", "logistic-regression probe, same 80% split"),
-                       ("lpft", "LP-FT head (`hm finetune --seed S`, retrained on the new vectors)")):
+                       ("lpft", "after `hm finetune --seed S`: the retrained head if it won, else the frozen head")):
         values = [r[key] for r in rows]
         print(f"| {label} | {np.mean(values):.3f} | {' '.join(f'{v:.3f}' for v in values)} |")
     gain = np.mean([r["lpft"] - r["frozen"] for r in rows])

@@ -419,20 +419,22 @@ def _print_trained(r, c: Context) -> None:
 @click.option("--lp-epochs", type=click.IntRange(min=1), default=50, show_default=True,
               help="Stage 1: head epochs on frozen vectors (also used to retrain the heads after).")
 @click.option("--ft-epochs", type=click.IntRange(min=1), default=None,
-              help="Stage 2: epochs of adapters and heads together (default: 5 on CPU, 10 on GPU).")
+              help="Stage 2: epochs of adapters and heads together (default: 6 on CPU, 10 on GPU).")
 @click.option("--blocks", type=click.IntRange(min=1), default=None,
-              help="Adapt the last N blocks of the backbone (default: 1 on CPU, a third of them on GPU).")
+              help="Adapt the last N blocks of the backbone (default: 2 on CPU, a third of them on GPU).")
 @click.option("--views", type=click.IntRange(min=0), default=None,
-              help="Augmented views per training image, computed once (default: 2 on CPU, 8 on GPU).")
+              help="Augmented views per training image, computed once (default: 4 on CPU, 8 on GPU).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
               help="Learning rate of the adapters (the heads use a tenth of it).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the split and the weights (augmented views depend on the image only).")
+@click.option("--memory-gb", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
+              help="Memory for the cached activations of the frozen blocks (fewer augmented views when they would not fit).")
 @click.option("--activate", is_flag=True, help="Activate the new model even if it does not beat the frozen heads.")
 @embed_options
 @click.pass_obj
 @user_errors
-def finetune(obj, heads, name, rank, lp_epochs, ft_epochs, blocks, views, lr, seed, activate, device, batch_size,
-             workers) -> None:
+def finetune(obj, heads, name, rank, lp_epochs, ft_epochs, blocks, views, lr, seed, memory_gb, activate, device,
+             batch_size, workers) -> None:
     """Fine-tune the active model for some heads (LP-FT with LoRA) and register it as a new model.
 
     Stage 1 trains the heads on the frozen model (as hm train). Stage 2 adds LoRA
@@ -445,7 +447,8 @@ def finetune(obj, heads, name, rank, lp_epochs, ft_epochs, blocks, views, lr, se
     """
     names = [h.strip() for h in heads.split(",") if h.strip()]
     config = FinetuneConfig(rank=rank, alpha=2.0 * rank, lp_epochs=lp_epochs, ft_epochs=ft_epochs, blocks=blocks,
-                            views=views, lr=lr, head_lr=lr / 10, batch_size=batch_size or 32, seed=seed)
+                            views=views, lr=lr, head_lr=lr / 10, batch_size=batch_size or 32, seed=seed,
+                            memory_gb=memory_gb)
     with _context(obj, device, None, workers) as c:
         r = run_finetune(c, names, name, config, activate, say=click.echo)
         click.echo(f"Fine-tuned {r.base.name} for {', '.join(names)}: {r.train_images} training images, "

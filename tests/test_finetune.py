@@ -18,6 +18,7 @@ from headmaster.context import Context, EmbedOptions
 from headmaster.embedders import load_embedder
 from headmaster.errors import HeadmasterError
 from headmaster.finetune.adapters import RECORD_NAME, WEIGHTS_NAME
+from headmaster.finetune.data import views_that_fit
 from headmaster.finetune.train import FinetuneConfig, StopRequest, finetune
 from headmaster.heads import load_head
 from headmaster.pipeline import embed_paths, vectors_for
@@ -117,7 +118,7 @@ def test_finetuned_head_beats_frozen_head_on_held_out_stripes(tmp_path):
 
     with Context.open(str(ws), EmbedOptions(device="cpu", progress=False, backend="torch")) as c:
         add_model(c.store, "clip4", str(model), 4)
-        config = FinetuneConfig(ft_epochs=8, lr=5e-3, head_lr=5e-4, batch_size=16, seed=0)
+        config = FinetuneConfig(ft_epochs=8, blocks=1, views=2, lr=5e-3, head_lr=5e-4, batch_size=16, seed=0)
         frozen = None
 
         def after_stage_1(line: str) -> None:
@@ -167,7 +168,20 @@ def test_finetune_refuses_bad_requests(hm, workspace, timm_path):
     assert result.exit_code == 1 and "Error: model 'base' is already registered" in result.output
     result = hm("finetune", "--heads", "colour", "--blocks", "99", ok=False)
     assert result.exit_code == 1 and "--blocks must be between 1 and" in result.output
+    result = hm("finetune", "--heads", "colour", "--memory-gb", "0.000001", ok=False)
+    assert result.exit_code == 1 and re.search(r"Error: the frozen blocks' activations of 20 images need [\d.]+ MiB, "
+                                               r"more than --memory-gb 1e-06", result.output), result.output
     assert "Traceback" not in result.output
+
+
+def test_views_shrink_to_fit_the_memory_budget():
+    # 1,024 images of 256 Ki values: plain views (float32) 1 GiB; an augmented view of 512 images 0.25 GiB
+    assert views_that_fit(4, 2**18, 1024, 512, 8.0) == 4
+    assert views_that_fit(4, 2**18, 1024, 512, 1.5) == 2
+    assert views_that_fit(4, 2**18, 1024, 512, 1.2) == 0
+    assert views_that_fit(0, 2**18, 1024, 0, 1.0) == 0
+    with pytest.raises(HeadmasterError, match=r"activations of 1024 images need 1\.00 GiB, more than --memory-gb 0\.9"):
+        views_that_fit(4, 2**18, 1024, 512, 0.9)
 
 
 def _damage_weights(folder: Path) -> None:

@@ -22,6 +22,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from headmaster.embedders import Embedder
+from headmaster.errors import HeadmasterError
 from headmaster.finetune.targets import AdaptRule, blocks_of, split_index
 from headmaster.images import ImageError, load_image
 from headmaster.pipeline import _worker_setup, default_workers, ordered_map, progress_enabled
@@ -117,6 +118,12 @@ class Trunk:
             handle.remove()
             setattr(parent, attr, blocks)
 
+    def values_per_view(self) -> int:
+        """Size of one view's activations (numbers), from a blank image of the model's input size."""
+        from headmaster.embedders import _probe_size
+
+        return int(self.capture(torch.zeros((1, 3, *_probe_size(self.embedder.processor)))).numel())
+
     def stand_in(self, batch: int) -> torch.Tensor:
         """Pixels for the stem while replaying: its output is thrown away, so as small as the stem allows."""
         from headmaster.embedders import _probe_size
@@ -159,6 +166,23 @@ class ViewCache:
             choices = [self.plain[h], *self.augmented.get(h, [])]
             out.append(choices[int(rng.integers(len(choices)))].float())
         return torch.stack(out)
+
+
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
+def views_that_fit(wanted: int, values: int, images: int, train_images: int, memory_gb: float) -> int:
+    """How many augmented views per training image fit in `memory_gb` beside every image's plain view
+    (plain views kept in float32, augmented ones in float16, as ViewCache holds them)."""
+    budget = memory_gb * 2**30
+    plain = images * values * 4
+    if plain > budget:
+        raise HeadmasterError(f"the frozen blocks' activations of {images} images need {_size(plain)}, "
+                              f"more than --memory-gb {memory_gb:g}: raise it, or fine-tune for fewer images")
+    if wanted == 0 or train_images == 0:
+        return wanted
+    return max(0, min(wanted, int((budget - plain) // (train_images * values * 2))))
 
 
 def fill_views(cache: ViewCache, trunk: Trunk, items: list[tuple[str, Path, int]], *, batch_size: int = 32, workers: int | None = None, progress: bool | None = None) -> ViewCache:

@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
@@ -31,7 +31,7 @@ from headmaster.context import Context
 from headmaster.embedders import Embedder, load_embedder
 from headmaster.errors import HeadmasterError
 from headmaster.finetune.adapters import add_adapters, write_adapter_folder
-from headmaster.finetune.data import Trunk, ViewCache, fill_views
+from headmaster.finetune.data import Trunk, ViewCache, fill_views, views_that_fit
 from headmaster.finetune.targets import adapt_rule, blocks_of, lora_targets
 from headmaster.heads import HeadMLP, TrainConfig, class_weights, head_from_checkpoint, training_split
 from headmaster.pipeline import progress_enabled
@@ -45,21 +45,22 @@ class FinetuneConfig:
     rank: int = 8
     alpha: float = 16.0
     lp_epochs: int = 50  # stage 1 (and the retrain after), as `hm train --epochs`
-    ft_epochs: int | None = None  # stage 2; None: 5 on a CPU, 10 on a GPU
-    blocks: int | None = None  # adapted blocks (the last ones); None: 1 on a CPU, a third of them on a GPU
-    views: int | None = None  # augmented views per training image, computed once; None: 2 on a CPU, 8 on a GPU
+    ft_epochs: int | None = None  # stage 2; None: 6 on a CPU, 10 on a GPU
+    blocks: int | None = None  # adapted blocks (the last ones); None: 2 on a CPU, a third of them on a GPU
+    views: int | None = None  # augmented views per training image, computed once; None: 4 on a CPU, 8 on a GPU
     lr: float = 1e-3  # adapters
     head_lr: float = 1e-4  # heads, already trained by stage 1
     batch_size: int = 32
     seed: int = 0
+    memory_gb: float = 4.0  # for the cached activations of the frozen blocks (fewer views when they would not fit)
 
     def resolved(self, device: torch.device, n_blocks: int) -> "FinetuneConfig":
         gpu = device.type != "cpu"
         return FinetuneConfig(
             **{**asdict(self),
-               "ft_epochs": self.ft_epochs or (10 if gpu else 5),
-               "blocks": self.blocks or (max(1, n_blocks // 3) if gpu else 1),
-               "views": self.views if self.views is not None else (8 if gpu else 2)})
+               "ft_epochs": self.ft_epochs or (10 if gpu else 6),
+               "blocks": self.blocks or min(n_blocks, max(2, n_blocks // 3) if gpu else 2),
+               "views": self.views if self.views is not None else (8 if gpu else 4)})
 
 
 @dataclass
@@ -207,6 +208,11 @@ def finetune(ctx: Context, heads: list[str], name: str | None = None, config: Fi
         raise HeadmasterError("no training images left once every head's validation images are set apart: "
                               "add images (each bucket needs at least 2)")
     wanted = set(train_hashes)
+    fit = views_that_fit(config.views, trunk.values_per_view(), len(paths), len(wanted), config.memory_gb)
+    if fit < config.views:
+        say(f"Augmented views: {fit} per training image instead of {config.views}, so that the activations "
+            f"fit in --memory-gb {config.memory_gb:g}")
+        config = replace(config, views=fit)
     items = [(h, paths[h], config.views if h in wanted else 0) for h in sorted(paths)]
     t0 = time.perf_counter()
     fill_views(views, trunk, items, batch_size=config.batch_size, workers=ctx.options.workers,
@@ -288,7 +294,7 @@ def finetune(ctx: Context, heads: list[str], name: str | None = None, config: Fi
         with torch.no_grad():
             for k, v in best_state["lora"].items():
                 lora[k].copy_(v)
-        improved = best.epoch > 0
+        improved = best.val_accuracy > first.val_accuracy  # a tie (lower loss only) is no reason to switch models
         # the fine-tuned model's vectors for every image seen: the plain view through the adapted blocks
         fresh = _vectors(replay, views, sorted(views.plain))
 
