@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=None)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--head-lr", type=float, default=None, help="learning rate of the heads in stage 2 "
+                        "(default: a tenth of --lr, as hm finetune; 0 keeps the stage-1 heads fixed)")
     parser.add_argument("--every", type=int, default=1,
                         help="fine-tune on every Nth training image of each class only (a documented subset when "
                              "the full set does not fit the time); validation/ is always whole")
@@ -152,7 +154,8 @@ def main() -> None:
             frozen = head_accuracy(ctx, x_base, y_test, classes)
             probe = probe_accuracy(ctx, "lite0", seed, x_base, y_test)
             config = FinetuneConfig(rank=args.rank, alpha=2.0 * args.rank, ft_epochs=args.ft_epochs,
-                                    blocks=args.blocks, views=args.views, lr=args.lr, head_lr=args.lr / 10,
+                                    blocks=args.blocks, views=args.views, lr=args.lr,
+                                    head_lr=args.lr / 10 if args.head_lr is None else args.head_lr,
                                     seed=seed)
             t0 = time.perf_counter()
             report = finetune(ctx, ["clothing"], f"lite0-ft-seed{seed}", config, activate=args.activate,
@@ -168,7 +171,8 @@ def main() -> None:
             lpft = head_accuracy(ctx, x_ft, y_test, classes)
             row = {"seed": seed, "frozen": frozen, "probe": probe, "lpft": lpft,
                    "val_frozen": report.frozen_accuracy, "val_lpft": report.best_accuracy,
-                   "best_epoch": report.best_epoch, "activated": report.activated, "head_seconds": t_head, "finetune_seconds": t_ft,
+                   "best_epoch": report.best_epoch, "activated": report.activated,
+                   "val_retrained": [r.metrics["accuracy"] for r in report.retrained], "reverted": report.reverted, "head_seconds": t_head, "finetune_seconds": t_ft,
                    "trunk_seconds": report.trunk_seconds, "ft_seconds": report.ft_seconds,
                    "epoch_seconds": [e.seconds for e in report.epochs[1:]],
                    "test_embed_seconds": t_test, "config": vars(report.config) if hasattr(report.config, "__dict__")
@@ -176,7 +180,8 @@ def main() -> None:
             rows.append(row)
             print(f"seed {seed}: frozen head {frozen:.3f}, probe {probe:.3f}, LP-FT {lpft:.3f} "
                   f"(split validation {report.frozen_accuracy:.3f} -> {report.best_accuracy:.3f}, "
-                  f"best epoch {report.best_epoch}, {'activated' if report.activated else 'base kept'}); finetune {t_ft:.0f}s (trunk pass {report.trunk_seconds:.0f}s, "
+                  f"best epoch {report.best_epoch}, retrained head {row['val_retrained']}, "
+                  f"{'activated' if report.activated else 'base kept'}); finetune {t_ft:.0f}s (trunk pass {report.trunk_seconds:.0f}s, "
                   f"epochs {' '.join(f'{s:.0f}' for s in row['epoch_seconds'])}s), test embed {t_test:.0f}s",
                   flush=True)
     print(f"end: {uptime()}")

@@ -441,9 +441,10 @@ def finetune(obj, heads, name, rank, lp_epochs, ft_epochs, blocks, views, lr, se
     adapters to the backbone's last blocks and trains them with the heads on the
     heads' training images (random crops, flips), keeping the epoch with the best
     validation accuracy. The adapters go to <workspace>/models/NAME/, registered as
-    model NAME. If it beats the frozen heads (or with --activate), NAME becomes the
-    active model and the heads are retrained on its vectors. Ctrl-C stops after the
-    current step and keeps the best epoch so far.
+    model NAME. If it beats the frozen heads, NAME becomes the active model and the
+    heads are retrained on its vectors; unless those beat the frozen heads too, the
+    base and its heads come back (--activate keeps NAME anyway). Ctrl-C stops after
+    the current step and keeps the best epoch so far.
     """
     names = [h.strip() for h in heads.split(",") if h.strip()]
     config = FinetuneConfig(rank=rank, alpha=2.0 * rank, lp_epochs=lp_epochs, ft_epochs=ft_epochs, blocks=blocks,
@@ -456,7 +457,11 @@ def finetune(obj, heads, name, rank, lp_epochs, ft_epochs, blocks, views, lr, se
         click.echo(f"Validation accuracy: frozen {r.frozen_accuracy:.3f} -> fine-tuned {r.best_accuracy:.3f} "
                    f"(best epoch {r.best_epoch})")
         click.echo(f"Wrote {r.folder} and registered it as model {r.name}")
-        if not r.improved:
+        if r.reverted:
+            _warn(f"the heads retrained on {r.name}'s vectors score {r.reverted[1]:.3f} on validation, not above the "
+                  f"frozen heads' {r.reverted[0]:.3f}; {r.base.name} and its heads stay active (use it anyway: "
+                  f"hm model-activate --name {r.name}, then hm train)")
+        elif not r.improved:
             _warn(f"the fine-tuned model does not beat the frozen heads on validation"
                   + ("; activated anyway (--activate)" if r.activated else
                      f"; {r.base.name} stays active (use it anyway: hm model-activate --name {r.name})"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +20,11 @@ from headmaster.embedders import load_embedder
 from headmaster.errors import HeadmasterError
 from headmaster.finetune.adapters import RECORD_NAME, WEIGHTS_NAME
 from headmaster.finetune.data import views_that_fit
-from headmaster.finetune.train import FinetuneConfig, StopRequest, finetune
-from headmaster.heads import load_head
+from headmaster.finetune.train import FinetuneConfig, StopRequest, finetune, keep_if_retrained_heads_win
+from headmaster.heads import TrainConfig, load_head, read_checkpoint
 from headmaster.pipeline import embed_paths, vectors_for
-from headmaster.registry import add_model
+from headmaster.registry import activate_model, add_model
+from headmaster.training import train_one
 
 
 def _two_heads(workspace: Path) -> None:
@@ -140,6 +142,28 @@ def finetuned(ctx, timm_path, workspace):
     add_model(ctx.store, "base", str(timm_path), 256)
     report = finetune(ctx, ["colour"], "tuned", FinetuneConfig(ft_epochs=1, batch_size=8), activate=True)
     return report
+
+
+def test_retrained_heads_that_do_not_win_bring_the_frozen_model_and_heads_back(ctx, finetuned, workspace):
+    """The joint heads may win on validation while heads retrained on the new vectors do not: the user
+    keeps what the frozen model gave. The colours are easy, so both score 1.0, and a tie does not switch."""
+    path = workspace / "out" / "colour.pt"
+    activate_model(ctx.store, "base")
+    frozen = [train_one(ctx, "colour", TrainConfig(seed=0))]
+    frozen_checkpoint = read_checkpoint(path)
+    activate_model(ctx.store, "tuned")
+    finetuned.lp, finetuned.retrained = frozen, [train_one(ctx, "colour", TrainConfig(seed=0))]
+    assert load_head(path).model_name == "tuned"
+    assert frozen[0].metrics["accuracy"] == finetuned.retrained[0].metrics["accuracy"] == 1.0
+
+    won = replace(finetuned, lp=[replace(frozen[0], metrics={**frozen[0].metrics, "accuracy": 0.75})])
+    assert keep_if_retrained_heads_win(ctx, won, {"colour": frozen_checkpoint})
+    assert ctx.store.active_model().name == "tuned" and won.activated and won.reverted is None
+
+    assert not keep_if_retrained_heads_win(ctx, finetuned, {"colour": frozen_checkpoint})
+    assert ctx.store.active_model().name == "base" and load_head(path).model_name == "base"
+    assert not finetuned.activated and finetuned.reverted == (1.0, 1.0)
+    assert ctx.store.model("tuned").path == str(finetuned.folder)  # still registered, for hm model-activate
 
 
 def test_interrupt_keeps_the_best_epoch_and_does_not_activate(ctx, timm_path, workspace):

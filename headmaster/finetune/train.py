@@ -33,7 +33,8 @@ from headmaster.errors import HeadmasterError
 from headmaster.finetune.adapters import add_adapters, write_adapter_folder
 from headmaster.finetune.data import Trunk, ViewCache, fill_views, views_that_fit
 from headmaster.finetune.targets import adapt_rule, blocks_of, lora_targets
-from headmaster.heads import HeadMLP, TrainConfig, class_weights, head_from_checkpoint, training_split
+from headmaster.heads import (HeadMLP, TrainConfig, class_weights, head_from_checkpoint, read_checkpoint,
+                              save_checkpoint, training_split)
 from headmaster.pipeline import progress_enabled
 from headmaster.registry import activate_model, add_model
 from headmaster.store import Model
@@ -133,6 +134,7 @@ class FinetuneReport:
     trunk_seconds: float
     ft_seconds: float
     retrained: list[TrainReport] = field(default_factory=list)
+    reverted: tuple[float, float] | None = None  # (frozen, retrained) mean accuracy when the retrained heads lost
     skipped: dict[str, str] = field(default_factory=dict)  # hash -> reason
 
 
@@ -321,10 +323,28 @@ def finetune(ctx: Context, heads: list[str], name: str | None = None, config: Fi
                             best.val_accuracy, improved, False, interrupted, len(train_hashes), len(val_hashes),
                             trunk_seconds, ft_seconds, skipped=dict(views.failed))
     if improved or activate:
+        frozen_heads = {h: read_checkpoint(ctx.workspace.checkpoint_path(h)) for h in heads}
         activate_model(ctx.store, name)
         report.activated = True
         report.retrained = [train_one(ctx, h, lp_config) for h in heads]
+        if not activate:
+            keep_if_retrained_heads_win(ctx, report, frozen_heads)
     return report
+
+
+def keep_if_retrained_heads_win(ctx: Context, report: FinetuneReport, frozen_heads: dict[str, dict]) -> bool:
+    """The joint heads won; what the user keeps are heads retrained on the new vectors, scored on the same
+    validation images as stage 1's. Unless they beat the frozen heads too, the base model and the frozen
+    heads' checkpoints come back. Returns whether the fine-tuned model stays active."""
+    retrained = float(np.mean([r.metrics["accuracy"] for r in report.retrained]))
+    frozen = float(np.mean([r.metrics["accuracy"] for r in report.lp]))
+    if retrained > frozen:
+        return True
+    for head, checkpoint in frozen_heads.items():
+        save_checkpoint(checkpoint, ctx.workspace.checkpoint_path(head))  # its numpy copy too
+    activate_model(ctx.store, report.base.name)
+    report.activated, report.improved, report.reverted = False, False, (frozen, retrained)
+    return False
 
 
 def _tasks(ctx: Context, base: Model, heads: list[str], lp: list[TrainReport], lp_config: TrainConfig
