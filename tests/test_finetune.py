@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import build_clip, fill_bucket
+from helpers import build_clip, colour_image, fill_bucket
 from PIL import Image
 from test_cli import hm  # noqa: F401  (the fixture that runs hm commands in-process)
 
@@ -244,3 +244,27 @@ def test_damaged_or_missing_adapter_folder_is_one_clear_error(finetuned, hm, wor
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 1 and lines[-1].startswith("Error: ") and "Traceback" not in result.output
     assert re.search(message, lines[-1]), lines[-1]
+
+
+def test_hmd_sorts_with_the_fine_tuned_model(tmp_path, clip_path):
+    """The adapted model is just another registered model: the daemon's worker loads it (base plus merged
+    adapters) and sorts an inbox image with the head that was retrained on its vectors."""
+    from test_daemon import Hmd, wait_for
+
+    ws = tmp_path / "workspace"
+    fill_bucket(ws / "heads" / "colour" / "red", "red", 10, 0)
+    fill_bucket(ws / "heads" / "colour" / "blue", "blue", 10, 100)
+    with Context.open(str(ws), EmbedOptions(device="cpu", progress=False)) as c:
+        add_model(c.store, "base", str(clip_path), 24)
+        finetune(c, ["colour"], "tuned", FinetuneConfig(ft_epochs=1, batch_size=8), activate=True)
+    daemon = Hmd(tmp_path, ws).start()
+    try:
+        status = daemon.status()
+        assert status["model"] == "tuned" and daemon.head()["model"] == "tuned" and daemon.head()["trained"]
+        sample = colour_image(tmp_path / "new_blue.png", "blue", 4242)
+        shutil.copy(sample, ws / "inbox" / "colour" / "new_blue.png")
+        sorted_to = ws / "classified" / "colour" / "blue" / "new_blue.png"
+        wait_for(sorted_to.exists, 120, "the inbox image to be sorted with the fine-tuned model", daemon)
+        assert sorted_to.read_bytes() == sample.read_bytes() and daemon.head()["model"] == "tuned"
+    finally:
+        daemon.kill()
