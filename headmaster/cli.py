@@ -421,7 +421,7 @@ def _print_trained(r, c: Context) -> None:
 @click.option("--ft-epochs", type=click.IntRange(min=1), default=None,
               help="Stage 2: epochs of adapters and heads together (default: 6 on CPU, 10 on GPU).")
 @click.option("--blocks", type=click.IntRange(min=1), default=None,
-              help="Adapt the last N blocks of the backbone (default: 2 on CPU, a third of them on GPU).")
+              help="Adapt the last N blocks of the backbone (default: 2 on CPU, a third of them, at least 2, on GPU).")
 @click.option("--views", type=click.IntRange(min=0), default=None,
               help="Augmented views per training image, computed once (default: 4 on CPU, 8 on GPU).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
