@@ -37,7 +37,8 @@ def lora_config(rank: int, alpha: float, targets: list[str]):
     return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none")
 
 
-def add_adapters(model: nn.Module, rank: int, alpha: float, targets: list[str]) -> dict[str, nn.Parameter]:
+def add_adapters(model: nn.Module, rank: int, alpha: float, targets: list[str],
+                 memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, nn.Parameter]:
     """Wrap `targets` with fresh LoRA adapters in place (B = 0: the model's output is unchanged); freeze the rest.
 
     Returns the adapter parameters by name.
@@ -45,9 +46,7 @@ def add_adapters(model: nn.Module, rank: int, alpha: float, targets: list[str]) 
     from peft import inject_adapter_in_model
 
     inject_adapter_in_model(lora_config(rank, alpha, targets), model)
-    if any(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-           for p in model.parameters() if p.dim() == 4):
-        model.to(memory_format=torch.channels_last)  # the new adapter convolutions in the base's layout
+    model.to(memory_format=memory_format)  # the new adapter convolutions in the base's layout (Embedder.memory_format)
     params = {}
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
@@ -121,7 +120,8 @@ def load_adapted(name: str, path: str, expected_dim: int | None, device: str | N
                               f"which cannot be loaded: {e}") from None
     lora = record["lora"]
     try:
-        params = add_adapters(embedder.model, int(lora["rank"]), float(lora["alpha"]), list(lora["targets"]))
+        params = add_adapters(embedder.model, int(lora["rank"]), float(lora["alpha"]), list(lora["targets"]),
+                              embedder.memory_format)
     except (ValueError, KeyError, AttributeError) as e:
         raise HeadmasterError(f"adapter folder {path} does not fit base model '{base['name']}': {e}") from None
     missing = sorted(set(params) - set(weights))

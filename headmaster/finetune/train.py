@@ -77,6 +77,7 @@ class HeadTask:
     module: HeadMLP
     weights: torch.Tensor
     threshold: float  # binary: stage 1's threshold on P(classes[1]), so epoch 0 scores what `hm train` reported
+    checkpoint: dict  # stage 1's checkpoint, put back if the fine-tuned model is not kept
     frozen_accuracy: float = 0.0
     best_accuracy: float = 0.0
 
@@ -226,7 +227,7 @@ def finetune(ctx: Context, heads: list[str], name: str | None = None, config: Fi
 
     targets = lora_targets(embedder.model, rule, config.blocks)
     torch.manual_seed(config.seed)
-    lora = add_adapters(embedder.model, config.rank, config.alpha, targets)
+    lora = add_adapters(embedder.model, config.rank, config.alpha, targets, embedder.memory_format)
     embedder.model.eval()  # batch norm keeps its statistics; only the heads use dropout
     optimiser = torch.optim.AdamW([
         {"params": list(lora.values()), "lr": config.lr, "weight_decay": 0.0},
@@ -323,7 +324,7 @@ def finetune(ctx: Context, heads: list[str], name: str | None = None, config: Fi
                             best.val_accuracy, improved, False, interrupted, len(train_hashes), len(val_hashes),
                             trunk_seconds, ft_seconds, skipped=dict(views.failed))
     if improved or activate:
-        frozen_heads = {h: read_checkpoint(ctx.workspace.checkpoint_path(h)) for h in heads}
+        frozen_heads = {t.name: t.checkpoint for t in tasks}
         activate_model(ctx.store, name)
         report.activated = True
         report.retrained = [train_one(ctx, h, lp_config) for h in heads]
@@ -359,10 +360,11 @@ def _tasks(ctx: Context, base: Model, heads: list[str], lp: list[TrainReport], l
         for h, p in zip(hashes, head_paths):
             paths.setdefault(h, p)
         train_idx, val_idx, _ = training_split(head, len(labelled.classes), labels, lp_config)
-        trained = head_from_checkpoint(torch.load(report.checkpoint_path, weights_only=True))
+        checkpoint = read_checkpoint(report.checkpoint_path)
+        trained = head_from_checkpoint(checkpoint)  # the module gets its own copy of the weights
         weights = torch.as_tensor(class_weights(labels[train_idx], len(labelled.classes)))
         tasks.append(HeadTask(head, labelled.classes, hashes, labels, train_idx, val_idx, trained.module, weights,
-                              trained.threshold if trained.threshold is not None else 0.5))
+                              trained.threshold if trained.threshold is not None else 0.5, checkpoint))
     return tasks, paths
 
 
