@@ -10,8 +10,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from headmaster.duplicates import hashed_leaks, indexed_leaks
-from headmaster.context import Context, EmbedOptions
+from headmaster.embedding import Context, EmbedOptions
+from headmaster.evaluation import indexed_leaks
+from headmaster.evaluation.duplicates import hashed_leaks
 
 
 def main() -> None:

@@ -25,8 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from helpers import build_clip, fill_bucket  # noqa: E402
 
-from headmaster.daemon.control import request  # noqa: E402
-from headmaster.registry import add_model  # noqa: E402
+from headmaster.daemon import request  # noqa: E402
+from headmaster.embedding import add_model  # noqa: E402
 from headmaster.store import Store  # noqa: E402
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from daemon_burst import start_hmd, stop_hmd  # bench/ is on sys.path when this script runs
 
-from headmaster.daemon.control import request
+from headmaster.daemon import request
 from headmaster.daemon.worker_client import rss_mib
 
 HM = [sys.executable, "-m", "headmaster.cli"]

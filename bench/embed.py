@@ -152,7 +152,7 @@ def cpu_costs(embedder, paths: list[Path], batch: int) -> dict[str, float]:
     """CPU milliseconds per image of each stage, one thread each: a machine's other load barely changes these."""
     import torch
 
-    from headmaster.images import file_sha256, load_image
+    from headmaster.embedding import file_sha256, load_image
 
     out = {}
     t0 = time.thread_time()
@@ -226,7 +226,7 @@ def run_hm_embed(workspace: Path, extra: list[str]) -> HmRun:
 
 
 def new_workspace(root: Path, model_path: Path, dim: int) -> Path:
-    from headmaster.registry import add_model
+    from headmaster.embedding import add_model
     from headmaster.store import Store
 
     if root.exists():
@@ -239,8 +239,8 @@ def new_workspace(root: Path, model_path: Path, dim: int) -> Path:
 
 def fill_cache(workspace: Path, device: str) -> None:
     """Embed everything once through the library (the same pipeline `hm embed` runs), in this process."""
-    from headmaster.context import Context, EmbedOptions
-    from headmaster.training import embed_heads
+    from headmaster.embedding import Context, EmbedOptions
+    from headmaster.heads import embed_heads
 
     with Context.open(str(workspace), EmbedOptions(device=device, progress=False)) as ctx:
         embed_heads(ctx)
@@ -309,9 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
 
-    from headmaster.cores import cpu_cores
-    from headmaster.embedders import load_embedder
-    from headmaster.heap import keep_freed_memory
+    from headmaster.embedding import load_embedder
+    from headmaster.embedding.cores import cpu_cores
+    from headmaster.embedding.heap import keep_freed_memory
 
     model_path, dim = build_model(work / ("tiny-clip" if args.tiny else "clip-b32-random"), args.tiny)
     small_model, small_dim = build_model(work / "tiny-clip", True)
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         runs[args.images // 2] = embed_new(work, model_path, dim, photos[: args.images // 2], extra, "half")
     embedder = load_embedder("bench", str(model_path), dim, args.device)
     # (b) first, with the C heap as a plain script has it; then (a) with the heap kept as the pipeline keeps
-    # it on a CPU (headmaster.heap), so the ceiling is the best the forward pass can do
+    # it on a CPU (headmaster.embedding.heap), so the ceiling is the best the forward pass can do
     log("(b) naive loop")
     naive_loop(embedder, photos[:1])  # warm-up
     b_rate = naive_loop(embedder, photos[: args.naive])

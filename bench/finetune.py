@@ -33,13 +33,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from accuracy import link_tree  # noqa: E402
 
-from headmaster.context import Context, EmbedOptions  # noqa: E402
+from headmaster.embedding import (Context, EmbedOptions, activate_model, add_model, embed_paths, vectors_for)  # noqa: E402
 from headmaster.finetune.data import ViewCache  # noqa: E402
 from headmaster.finetune.train import FinetuneConfig, finetune  # noqa: E402
-from headmaster.heads import TrainConfig, load_head, stratified_split  # noqa: E402
-from headmaster.pipeline import embed_paths, vectors_for  # noqa: E402
-from headmaster.registry import activate_model, add_model  # noqa: E402
-from headmaster.training import embed_heads, train_one  # noqa: E402
+from headmaster.heads import TrainConfig, embed_heads, load_head, stratified_split, train_one  # noqa: E402
 from headmaster.workspace import list_images  # noqa: E402
 
 
@@ -75,7 +72,7 @@ def probe_accuracy(ctx: Context, model_name: str, seed: int, x_test: np.ndarray,
     """LogisticRegression(C=10) on L2-normalised vectors of the same 80% split the head trains on."""
     from sklearn.linear_model import LogisticRegression
 
-    from headmaster.training import labelled_rows
+    from headmaster.heads import labelled_rows
 
     model = ctx.store.model(model_name)
     head = ctx.workspace.head("clothing")

@@ -1,4 +1,4 @@
-"""Regenerate the sample photos `hm demo` ships (headmaster/demo/samples/) from the clothing photos in ../shared.
+"""Regenerate the sample photos `hm demo` ships (headmaster/heads/demo/samples/) from the clothing photos in ../shared.
 
     uv run python bench/make_demo_samples.py [--shared ../shared] [--classes hat,pants,shoes,t-shirt]
 

@@ -95,7 +95,7 @@ def prob_columns(text: str) -> dict[tuple[str, str], float]:
 
 def run_model(name: str, path: Path, dim: int, train_photos: dict, new_photos: list[Path], work: Path,
               env: dict) -> dict:
-    from headmaster.onnx.backbone import export_backbone, find_export
+    from headmaster.embedding.onnx.backbone import export_backbone, find_export
     from headmaster.store import Model
 
     result: dict = {"model": name}

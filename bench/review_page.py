@@ -37,12 +37,9 @@ from browser import start_chromium  # noqa: E402
 from PIL import Image  # noqa: E402
 from helpers import build_clip  # noqa: E402
 
-from headmaster.context import Context, EmbedOptions  # noqa: E402
-from headmaster.daemon.control import request  # noqa: E402
-from headmaster.heads import TrainConfig  # noqa: E402
-from headmaster.pipeline import embed_paths  # noqa: E402
-from headmaster.registry import add_model  # noqa: E402
-from headmaster.training import train_one  # noqa: E402
+from headmaster.daemon import request  # noqa: E402
+from headmaster.embedding import Context, EmbedOptions, add_model, embed_paths  # noqa: E402
+from headmaster.heads import TrainConfig, train_one  # noqa: E402
 
 BUCKETS = ("hat", "shoes", "shorts", "t-shirt")
 PER_BUCKET = 25

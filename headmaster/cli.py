@@ -15,15 +15,14 @@ from typing import TYPE_CHECKING, Callable
 
 import click
 
-from headmaster import checkpoints, registry
-from headmaster.backends import BACKENDS
-from headmaster.context import Context, EmbedOptions
-from headmaster.errors import HeadmasterError
-from headmaster.output import FORMATS, write_rows
+from headmaster import HeadmasterError
+from headmaster.config import BACKENDS
+from headmaster.embedding import Context, EmbedOptions, registry
+from headmaster.heads import FORMATS, checkpoint_files as checkpoints, write_rows
 from headmaster.workspace import Workspace, shown_path
 
 if TYPE_CHECKING:
-    from headmaster.pipeline import Skipped
+    from headmaster.embedding import Skipped
 
 
 class LazyModule:
@@ -47,44 +46,44 @@ def lazy(module: str, name: str) -> Callable:
     return call
 
 
-SIDECAR_KINDS = ("txt", "json")  # headmaster.sidecars.KINDS, named here so the option needs no torch import
-status_mod = LazyModule("headmaster.status")
-calibrate_head = lazy("headmaster.calibration", "calibrate_head")
-format_calibration = lazy("headmaster.calibration", "format_calibration")
-plot_calibration = lazy("headmaster.calibration", "plot_calibration")
-compare_models = lazy("headmaster.comparison", "compare_models")
-format_comparison = lazy("headmaster.comparison", "format_comparison")
+SIDECAR_KINDS = ("txt", "json")  # headmaster.curation.sidecars.KINDS, named here so the option needs no torch import
+status_mod = LazyModule("headmaster.heads.status")
+calibrate_head = lazy("headmaster.evaluation", "calibrate_head")
+format_calibration = lazy("headmaster.evaluation", "format_calibration")
+plot_calibration = lazy("headmaster.evaluation", "plot_calibration")
+compare_models = lazy("headmaster.evaluation", "compare_models")
+format_comparison = lazy("headmaster.evaluation", "format_comparison")
 confusion_matrix = lazy("headmaster.evaluation", "confusion_matrix")
 format_confusion = lazy("headmaster.evaluation", "format_confusion")
 plot_confusion = lazy("headmaster.evaluation", "plot_confusion")
 TrainConfig = lazy("headmaster.heads", "TrainConfig")
-evaluate_head = lazy("headmaster.repeated", "evaluate_head")
-format_evaluation = lazy("headmaster.repeated", "format_evaluation")
-parse_kinds = lazy("headmaster.repeated", "parse_kinds")
-plot_evaluation = lazy("headmaster.repeated", "plot_evaluation")
-dupes_rows = lazy("headmaster.duplicates", "dupes_rows")
-find_near_duplicates = lazy("headmaster.duplicates", "find_near_duplicates")
-hashed_leaks = lazy("headmaster.duplicates", "hashed_leaks")
-indexed_leaks = lazy("headmaster.duplicates", "indexed_leaks")
-find_suspects = lazy("headmaster.ranking", "find_suspects")
-rank_folder = lazy("headmaster.ranking", "rank_folder")
-rank_rows = lazy("headmaster.ranking", "rank_rows")
-suspect_rows = lazy("headmaster.ranking", "suspect_rows")
-write_sidecars = lazy("headmaster.sidecars", "write_sidecars")
-confusion_figures = lazy("headmaster.figures", "confusion_figures")
-evaluation_figures = lazy("headmaster.figures", "evaluation_figures")
-save_figures = lazy("headmaster.figures", "save_figures")
-classify_folder = lazy("headmaster.sorting", "classify_folder")
-prediction_rows = lazy("headmaster.sorting", "prediction_rows")
-predict_heads = lazy("headmaster.sorting", "predict_heads")
-source_images = lazy("headmaster.sorting", "source_images")
-embed_heads = lazy("headmaster.training", "embed_heads")
-import_labels_fn = lazy("headmaster.labels", "import_labels")
-read_label_csv = lazy("headmaster.labels", "read_label_csv")
-train_one = lazy("headmaster.training", "train_one")
-export_onnx = lazy("headmaster.onnx.export", "export_onnx")
-FinetuneConfig = lazy("headmaster.finetune.train", "FinetuneConfig")
-run_finetune = lazy("headmaster.finetune.train", "finetune")
+evaluate_head = lazy("headmaster.evaluation", "evaluate_head")
+format_evaluation = lazy("headmaster.evaluation", "format_evaluation")
+parse_kinds = lazy("headmaster.evaluation", "parse_kinds")
+plot_evaluation = lazy("headmaster.evaluation", "plot_evaluation")
+dupes_rows = lazy("headmaster.evaluation", "dupes_rows")
+find_near_duplicates = lazy("headmaster.evaluation", "find_near_duplicates")
+hashed_leaks = lazy("headmaster.evaluation", "hashed_leaks")
+indexed_leaks = lazy("headmaster.evaluation", "indexed_leaks")
+find_suspects = lazy("headmaster.curation", "find_suspects")
+rank_folder = lazy("headmaster.curation", "rank_folder")
+rank_rows = lazy("headmaster.curation", "rank_rows")
+suspect_rows = lazy("headmaster.curation", "suspect_rows")
+write_sidecars = lazy("headmaster.curation", "write_sidecars")
+confusion_figures = lazy("headmaster.evaluation", "confusion_figures")
+evaluation_figures = lazy("headmaster.evaluation", "evaluation_figures")
+save_figures = lazy("headmaster.evaluation", "save_figures")
+classify_folder = lazy("headmaster.heads", "classify_folder")
+prediction_rows = lazy("headmaster.heads", "prediction_rows")
+predict_heads = lazy("headmaster.heads", "predict_heads")
+source_images = lazy("headmaster.heads", "source_images")
+embed_heads = lazy("headmaster.heads", "embed_heads")
+import_labels_fn = lazy("headmaster.curation", "import_labels")
+read_label_csv = lazy("headmaster.curation", "read_label_csv")
+train_one = lazy("headmaster.heads", "train_one")
+export_onnx = lazy("headmaster.heads", "export_onnx")
+FinetuneConfig = lazy("headmaster.finetune", "FinetuneConfig")
+run_finetune = lazy("headmaster.finetune", "finetune")
 
 
 def _err(message: str) -> None:
@@ -234,7 +233,7 @@ def demo(obj, directory: str, device, batch_size, workers) -> None:
     held-back photos into DIR/classified/clothing/<class>/ or uncertain/, and
     reports how many went to their own class.
     """
-    from headmaster.demo import lay_out, run_demo
+    from headmaster.heads import lay_out, run_demo
 
     started = time.perf_counter()
     layout = lay_out(Path(directory))
@@ -340,7 +339,7 @@ def embed(obj, head, device, batch_size, workers) -> None:
     """Compute embeddings for all images with the active model (cached ones are skipped)."""
     timings = os.environ.get("HEADMASTER_TIMINGS") == "1"  # for bench/embed.py: one JSON line on stderr
     if timings:
-        importlib.import_module("headmaster.training")  # imports are start-up, not the command's work
+        importlib.import_module("headmaster.heads.training")  # imports are start-up, not the command's work
     started = time.perf_counter()
     with _context(obj, device, batch_size, workers) as c:
         c.workspace.heads_to_use(head)  # before torch loads
@@ -492,7 +491,7 @@ def status(obj, head) -> None:
             if unknown:
                 click.echo(f"Leak check: {unknown} image(s) not hashed yet, not checked (`hm embed --head {head}` "
                            f"hashes heads/, `hm confusion-matrix --head {head}` test/ too)")
-            from headmaster.learning import correction_counts  # learning from corrections (daemon)
+            from headmaster.curation import correction_counts  # learning from corrections (daemon)
 
             learned = correction_counts(c.store, head)
             if learned["examples"]:
@@ -902,7 +901,7 @@ def doctor(obj, rebuild_cache, config_path, device, batch_size, workers) -> None
 
     Exits with status 1 when something is damaged. Stop hmd before --rebuild-cache.
     """
-    from headmaster import doctor as doctor_mod
+    from headmaster.curation import doctor as doctor_mod
 
     ws = Workspace.from_env(obj.get("workspace"))
     findings = doctor_mod.diagnose(ws, config_path)
@@ -961,7 +960,7 @@ def config_init_cmd(obj, path) -> None:
 @user_errors
 def unlearn(obj, head: str, file: str) -> None:
     """Remove the example a correction added for FILE (the corrected file or the example itself)."""
-    from headmaster.learning import unlearn as unlearn_file
+    from headmaster.curation import unlearn as unlearn_file
 
     with _context(obj) as c:
         c.workspace.head(head)
@@ -976,7 +975,7 @@ def unlearn(obj, head: str, file: str) -> None:
 @user_errors
 def corrections(obj, head: str, limit: int) -> None:
     """List the examples a head learned from corrections (newest first)."""
-    from headmaster.learning import corrections_log
+    from headmaster.curation import corrections_log
 
     with _context(obj) as c:
         c.workspace.head(head)
@@ -1004,8 +1003,7 @@ def serve(obj, listen: str | None, token: str | None) -> None:
     as an example, as moving the file by hand is, and the head learns from it on
     the next `hm train`. Stop with Ctrl-C.
     """
-    from headmaster.config import load_config
-    from headmaster.web.security import check_listen
+    from headmaster.config import check_listen, load_config
 
     web = load_config(None, obj.get("workspace")).web
     listen, token = listen or web.listen, web.token if token is None else token
@@ -1016,14 +1014,16 @@ def serve(obj, listen: str | None, token: str | None) -> None:
     ws = Workspace.from_env(obj.get("workspace"))
     if not ws.heads_dir.is_dir():
         raise HeadmasterError(f"no heads/ folder in {ws.root}; make a head first (mkdir -p heads/NAME/BUCKET)")
-    from headmaster.review import ReviewService
-    from headmaster.web.server import WebError, WebServer
+    from headmaster.daemon import LocalWorker
+    from headmaster.web import ReviewService, WebError, WebServer
 
-    service = ReviewService(ws, EmbedOptions(progress=False))
+    models = LocalWorker(ws, EmbedOptions(progress=False))  # the model work on a thread of our own
+    service = ReviewService(ws, models.call)
     try:
         server = WebServer(service, listen, token)
     except WebError as e:
         service.close()
+        models.close()
         raise HeadmasterError(str(e)) from None
     click.echo(f"Review page: {server.url}  (workspace {ws.root}; Ctrl-C stops)")
     try:
@@ -1032,6 +1032,7 @@ def serve(obj, listen: str | None, token: str | None) -> None:
         pass  # Ctrl-C is how one stops a server: not an error
     finally:
         service.close()
+        models.close()
     click.echo("Stopped")
 
 

@@ -8,6 +8,7 @@ unknown key or a value of the wrong type is a HeadmasterError that names the key
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -16,11 +17,14 @@ from typing import Any
 
 import tomli_w
 
-from headmaster.errors import HeadmasterError
+from headmaster import HeadmasterError
 from headmaster.workspace import Workspace
 
 CONFIG_ENV = "HEADMASTER_CONFIG"
 CONFIG_NAME = "config.toml"
+BACKENDS = ("auto", "torch", "onnxruntime")  # [embedding] backend, hm --backend: headmaster.embedding.backends
+LOOPBACK_NAMES = ("localhost",)
+WILDCARDS = ("0.0.0.0", "::", "")  # listening on every address
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -67,7 +71,7 @@ class WebConfig:
 
 @dataclass
 class EmbeddingConfig:
-    backend: str = "auto"  # auto, torch or onnxruntime (headmaster.backends); --backend overrides it
+    backend: str = "auto"  # auto, torch or onnxruntime (headmaster.embedding.backends); --backend overrides it
 
 
 @dataclass
@@ -192,8 +196,6 @@ def _check_values(config: Config, where: str) -> None:
         raise HeadmasterError(f"{where}: 'training.epochs' must be at least 1, got {t.epochs}")
     if t.lr <= 0:
         raise HeadmasterError(f"{where}: 'training.lr' must be above 0, got {t.lr}")
-    from headmaster.backends import BACKENDS
-
     if config.embedding.backend not in BACKENDS:
         raise HeadmasterError(f"{where}: 'embedding.backend' must be one of {', '.join(BACKENDS)}, "
                               f"got {config.embedding.backend!r}")
@@ -203,9 +205,39 @@ def _check_values(config: Config, where: str) -> None:
                               f"got {config.learning.confirm_after_days}")
 
 
-def _check_web(web: WebConfig, where: str) -> None:
-    from headmaster.web.security import check_listen  # plain-Python checks, shared with `hm serve --listen`
+# -- [web] listen: plain rules, shared with `hm serve --listen` and the page's guard (web/security.py) --
 
+def parse_listen(listen: str) -> tuple[str, int]:
+    """'HOST:PORT' (IPv6 as '[::1]:PORT') -> (host, port); ValueError with the reason."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"must be HOST:PORT (like 127.0.0.1:7878), got {listen!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"write an IPv6 address in brackets, like [::1]:7878, got {listen!r}")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_listen(listen: str, token: str) -> tuple[str, int]:
+    """The (host, port) to bind; ValueError unless it is loopback or a token is set."""
+    host, port = parse_listen(listen)
+    if not is_loopback(host) and not token:
+        raise ValueError(f"{listen} is reachable from other machines; set a token ([web] token, or "
+                         f"hm serve --token) to serve the page there, or listen on 127.0.0.1")
+    return host, port
+
+
+def _check_web(web: WebConfig, where: str) -> None:
     try:
         check_listen(web.listen, web.token)
     except ValueError as e:

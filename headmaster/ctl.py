@@ -13,9 +13,9 @@ from typing import Any
 
 import click
 
+from headmaster import HeadmasterError
 from headmaster.config import CONFIG_NAME, config_init, load_config
-from headmaster.daemon.control import request
-from headmaster.errors import HeadmasterError
+from headmaster.daemon import request
 
 
 def _fail(message: str) -> None:

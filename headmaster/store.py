@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
-from headmaster.errors import HeadmasterError
+from headmaster import HeadmasterError
 
 if TYPE_CHECKING:  # numpy loads with the first vector: `hm --help` and friends do not pay for it
     import numpy as np

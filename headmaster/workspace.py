@@ -11,12 +11,24 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from headmaster.errors import HeadmasterError
+from headmaster import HeadmasterError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 MIN_BUCKET_IMAGES = 20  # below this a bucket gets a warning, not an error
 DEFAULT_WORKSPACE = "workspace"
 NOT_BUCKET_PREFIXES = (".", "_")  # folders in a head that are not buckets (heads/<head>/_excluded/, ...)
+CACHE_ENV = "HEADMASTER_CACHE_DIR"
+
+
+def cache_root() -> Path:
+    """$HEADMASTER_CACHE_DIR, else $XDG_CACHE_HOME/headmaster, else ~/.cache/headmaster: per-user caches outside
+    any workspace (the built-in backbone, exported ONNX backbones, head arrays), safe to delete."""
+    chosen = os.environ.get(CACHE_ENV)
+    if chosen:
+        return Path(chosen).expanduser().absolute()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return (base / "headmaster").absolute()
 
 
 def is_image_name(path: Path | str) -> bool:

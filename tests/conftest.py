@@ -18,14 +18,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import build_clip, build_dinov2, build_siglip, build_timm, fill_bucket  # noqa: E402
 
-from headmaster.context import Context, EmbedOptions  # noqa: E402
-from headmaster.registry import add_model  # noqa: E402
+from headmaster.embedding import Context, EmbedOptions, add_model  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
 def builtin_cache(tmp_path_factory) -> Path:
     """The built-in backbone is converted into a temporary cache, never the user's (subprocesses inherit it)."""
-    from headmaster.builtin import CACHE_ENV
+    from headmaster.workspace import CACHE_ENV
 
     path = tmp_path_factory.mktemp("hm-cache")
     os.environ[CACHE_ENV] = str(path)
@@ -35,7 +34,7 @@ def builtin_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def builtin_model(builtin_cache) -> Path:
     """The built-in backbone, converted and checked once per session."""
-    from headmaster.builtin import ensure_builtin_model
+    from headmaster.embedding.builtin import ensure_builtin_model
 
     return ensure_builtin_model()
 

@@ -7,11 +7,9 @@ import pytest
 from helpers import colour_image, fill_bucket
 from PIL import Image
 
-from headmaster import builtin
-from headmaster.embedders import load_embedder
-from headmaster.errors import HeadmasterError
-from headmaster.registry import add_model
-from headmaster.training import embed_heads
+from headmaster import HeadmasterError
+from headmaster.embedding import add_model, builtin, load_embedder
+from headmaster.heads import embed_heads
 
 
 def test_two_conversions_give_identical_files(tmp_path):

@@ -231,5 +231,5 @@ def test_cli_import_stays_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
     from headmaster.cli import SIDECAR_KINDS
-    from headmaster.sidecars import KINDS
+    from headmaster.curation.sidecars import KINDS
     assert SIDECAR_KINDS == KINDS

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from helpers import run_hm
 
+from headmaster import HeadmasterError
 from headmaster.config import Config, config_init, load_config, read_config
-from headmaster.errors import HeadmasterError
 
 ROOT = Path(__file__).parent.parent
 

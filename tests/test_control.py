@@ -8,8 +8,9 @@ import stat
 
 import pytest
 
-from headmaster.daemon.control import MAX_REQUEST_BYTES, ControlServer, request
-from headmaster.errors import HeadmasterError
+from headmaster import HeadmasterError
+from headmaster.daemon import request
+from headmaster.daemon.control import MAX_REQUEST_BYTES, ControlServer
 
 
 def handler(req: dict) -> dict:

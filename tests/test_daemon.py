@@ -25,10 +25,9 @@ import pytest
 from helpers import colour_image, fill_bucket
 from PIL import Image
 
-from headmaster.context import Context, EmbedOptions
-from headmaster.daemon.control import request
+from headmaster.daemon import request
+from headmaster.embedding import Context, EmbedOptions, add_model
 from headmaster.evaluation import confusion_matrix
-from headmaster.registry import add_model
 from headmaster.store import Store
 
 DEBOUNCE = 1.0

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from helpers import fill_bucket, run_hm
 
 from headmaster.cli import cli
-from headmaster.demo import SAMPLES, held_back_samples, training_samples
+from headmaster.heads.demo import SAMPLES, held_back_samples, training_samples
 
 MEASURED_ACCURACY = 1.00  # 40 of 40 held-back photos, measured (bench/RESULTS.md); one mistake is allowed
 

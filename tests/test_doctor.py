@@ -9,12 +9,11 @@ import pytest
 from click.testing import CliRunner
 from helpers import fill_bucket
 
-from headmaster.checkpoint_meta import read_checkpoint_meta
+from headmaster import HeadmasterError
 from headmaster.cli import cli
-from headmaster.errors import HeadmasterError
-from headmaster.heads import UNCERTAIN, read_checkpoint
-from headmaster.learning import UNCERTAIN as LEARNING_UNCERTAIN
-from headmaster.registry import add_model
+from headmaster.curation.learning import UNCERTAIN as LEARNING_UNCERTAIN
+from headmaster.embedding import add_model
+from headmaster.heads import UNCERTAIN, read_checkpoint, read_checkpoint_meta
 from headmaster.store import Store
 
 
@@ -53,7 +52,7 @@ def test_someone_elses_sqlite_database_is_refused_not_extended(hm, workspace):
 
 
 def test_checkpoint_metadata_without_torch_matches_torch(clip_ctx, colour_head):
-    from headmaster.training import train_one
+    from headmaster.heads import train_one
 
     train_one(clip_ctx, "colour")
     path = clip_ctx.workspace.checkpoint_path("colour")

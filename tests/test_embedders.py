@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from headmaster.embedders import load_embedder, pick_device
-from headmaster.errors import HeadmasterError
+from headmaster import HeadmasterError
+from headmaster.embedding import load_embedder
+from headmaster.embedding.embedders import pick_device
 
 
 @pytest.mark.parametrize("fixture, rule, dim", [

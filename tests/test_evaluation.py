@@ -12,18 +12,16 @@ from click.testing import CliRunner
 from helpers import build_clip, fill_bucket
 from PIL import Image
 
-from headmaster.calibration import calibrate_head, choose_threshold, out_of_fold, threshold_rows
+from headmaster import HeadmasterError
 from headmaster.cli import cli
-from headmaster.comparison import compare_models, format_comparison
-from headmaster.errors import HeadmasterError
-from headmaster.heads import TrainConfig, binary_metrics, head_from_checkpoint, load_head, read_checkpoint, \
-    save_checkpoint, train_head
-from headmaster.prototypes import PrototypeHead
-from headmaster.registry import add_model
-from headmaster.repeated import (Interval, cumulative_accuracy, evaluate_vectors, fit_logreg, format_evaluation,
-                                 t_quantile_975)
-from headmaster.sorting import decide_paths, load_trained
-from headmaster.training import train_one
+from headmaster.embedding import add_model
+from headmaster.evaluation.calibration import calibrate_head, choose_threshold, out_of_fold, threshold_rows
+from headmaster.evaluation.comparison import compare_models, format_comparison
+from headmaster.evaluation.repeated import (Interval, cumulative_accuracy, evaluate_vectors, fit_logreg,
+                                            format_evaluation, t_quantile_975)
+from headmaster.heads import (TrainConfig, binary_metrics, decide_paths, head_from_checkpoint, load_head, load_trained,
+                              read_checkpoint, save_checkpoint, train_head, train_one)
+from headmaster.heads.prototypes import PrototypeHead
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -149,7 +147,7 @@ def test_adding_a_class_or_image_changes_only_that_prototype(clip_ctx, workspace
 def test_checkpoint_layout_and_kind_dispatch(tmp_path):
     x, y = blobs([20, 20])
     sources = {"neg": ["h/neg/a.png"], "pos": ["h/pos/b.png"]}
-    from headmaster.prototypes import train_prototypes
+    from headmaster.heads import train_prototypes
 
     proto = train_prototypes("h", ["neg", "pos"], x, y, sources, "m").checkpoint
     assert set(proto) == {"type", "kind", "input_dim", "model", "model_state_dict", "threshold", "classes",
@@ -172,7 +170,7 @@ def test_checkpoint_layout_and_kind_dispatch(tmp_path):
 
 def test_decide_honours_stored_min_confidence():
     x, y = blobs([10, 10, 10])
-    from headmaster.prototypes import train_prototypes
+    from headmaster.heads import train_prototypes
 
     ck = train_prototypes("h", ["a", "b", "c"], x, y, {}, "m").checkpoint
     probs = np.array([[0.8, 0.1, 0.1]])

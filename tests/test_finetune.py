@@ -15,16 +15,13 @@ from helpers import build_clip, colour_image, fill_bucket
 from PIL import Image
 from test_cli import hm  # noqa: F401  (the fixture that runs hm commands in-process)
 
-from headmaster.context import Context, EmbedOptions
-from headmaster.embedders import load_embedder
-from headmaster.errors import HeadmasterError
-from headmaster.finetune.adapters import RECORD_NAME, WEIGHTS_NAME
+from headmaster import HeadmasterError
+from headmaster.embedding import (Context, EmbedOptions, activate_model, add_model, embed_paths, load_embedder,
+                                  vectors_for)
+from headmaster.embedding.adapted import RECORD_NAME, WEIGHTS_NAME
 from headmaster.finetune.data import views_that_fit
 from headmaster.finetune.train import FinetuneConfig, StopRequest, finetune, keep_if_retrained_heads_win
-from headmaster.heads import TrainConfig, load_head, read_checkpoint
-from headmaster.pipeline import embed_paths, vectors_for
-from headmaster.registry import activate_model, add_model
-from headmaster.training import train_one
+from headmaster.heads import TrainConfig, load_head, read_checkpoint, train_one
 
 
 def _two_heads(workspace: Path) -> None:

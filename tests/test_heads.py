@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from headmaster.heads import (HeadMLP, best_f1_threshold, class_weights, load_head, save_checkpoint,
-                              stratified_split, train_head)
+from headmaster.heads import HeadMLP, class_weights, load_head, save_checkpoint, stratified_split, train_head
+from headmaster.heads.base import best_f1_threshold
 
 SEED_KEYS_BINARY = {"type", "input_dim", "model", "model_state_dict", "threshold", "classes", "sources", "metadata"}
 

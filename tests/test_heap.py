@@ -1,15 +1,15 @@
-"""headmaster.heap: freed blocks stay in the heap for reuse, and can be handed back."""
+"""headmaster.embedding.heap: freed blocks stay in the heap for reuse, and can be handed back."""
 
 import subprocess
 import sys
 
 import pytest
 
-from headmaster import heap
+from headmaster.embedding import heap
 
 SCRIPT = """
 import numpy as np
-from headmaster.heap import keep_freed_memory, release_freed_memory
+from headmaster.embedding.heap import keep_freed_memory, release_freed_memory
 
 def rss_mib():
     with open("/proc/self/status") as f:

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from headmaster import images
-from headmaster.images import ImageError, load_image
+from headmaster.embedding import ImageError, images, load_image
 
 
 def _save(img, path, **kw):

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from helpers import colour_image, run_hm
 
-from headmaster.errors import HeadmasterError
-from headmaster.images import file_sha256
-from headmaster.learning import (confirmable, correction_counts, corrections_log, ensure_schema, is_correction,
-                                 learn, unlearn)
+from headmaster import HeadmasterError
+from headmaster.curation import (confirmable, correction_counts, corrections_log, ensure_schema, is_correction, learn,
+                                 unlearn)
+from headmaster.embedding import file_sha256
 from headmaster.store import Store
 from headmaster.workspace import Workspace
 

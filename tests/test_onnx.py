@@ -17,18 +17,15 @@ from PIL import Image
 
 from helpers import build_clip, build_dinov2, build_timm, colour_image, fill_bucket, run_hm
 
-from headmaster.backends import backend_embedder, uses_onnx
+from headmaster import HeadmasterError
 from headmaster.config import config_from_dict
-from headmaster.errors import HeadmasterError
-from headmaster.head_arrays import ArrayHead, load_array_head
-from headmaster.heads import TrainConfig, head_from_checkpoint, save_checkpoint, train_head
-from headmaster.onnx.backbone import find_export
-from headmaster.onnx.preprocess import spec_from_processor
-from headmaster.pipeline import embed_paths, vectors_for
-from headmaster.prototypes import train_prototypes
-from headmaster.registry import activate_model, add_model
-from headmaster.sorting import predict_heads, source_images
-from headmaster.training import train_one
+from headmaster.embedding import activate_model, add_model, embed_paths, spec_from_processor, vectors_for
+from headmaster.embedding.backends import backend_embedder, uses_onnx
+from headmaster.embedding.onnx.backbone import find_export
+from headmaster.heads import (TrainConfig, head_from_checkpoint, predict_heads, save_checkpoint, source_images,
+                              train_head, train_one, train_prototypes)
+from headmaster.heads.arrays import ArrayHead
+from headmaster.heads.sorting import load_array_head
 
 REPO = Path(__file__).resolve().parents[1]
 # Imports of these fail in the child: proves a code path never needs them
@@ -99,7 +96,7 @@ def test_array_head_reads_its_cache_without_torch(tmp_path):
     path = tmp_path / "h.pt"
     save_checkpoint(train_head("h", ["a", "b"], x, y, {}, "m", TrainConfig(epochs=3)).checkpoint, path)
     expected = load_array_head(path).predict_proba(x[:5])
-    code = (f"import numpy as np\nfrom headmaster.head_arrays import load_array_head\n"
+    code = (f"import numpy as np\nfrom headmaster.heads.sorting import load_array_head\n"
             f"print(load_array_head({str(path)!r}).predict_proba(np.load({str(tmp_path / 'x.npy')!r})).tolist())")
     np.save(tmp_path / "x.npy", x[:5])
     out = subprocess.run(blocked_python(code), capture_output=True, text=True, timeout=120)
@@ -130,8 +127,7 @@ def test_backends_give_the_same_vectors_and_share_the_cache(ctx, dinov2_path, tm
     again = embed_paths(ctx.store, model, images, device="cpu", backend="torch", progress=False)
     assert again.embedded == 0 and again.cached == len(images)
     stored = vectors_for(ctx.store, model, first.hashes)
-    from headmaster.embedders import get_embedder
-    from headmaster.images import load_image
+    from headmaster.embedding import get_embedder, load_image
 
     torch_embedder = get_embedder(model.name, model.path, model.embed_dim, "cpu")
     pixels = torch_embedder.preprocess([load_image(p, min_side=torch_embedder.input_side) for p in images])
@@ -157,7 +153,7 @@ def test_unexportable_model_falls_back_to_torch_with_one_line(ctx, models_dir, t
     fill_bucket(ctx.workspace.heads_dir / "colour" / "red", "red", 4)
     fill_bucket(ctx.workspace.heads_dir / "colour" / "blue", "blue", 4, 50)
     train_one(ctx, "colour", TrainConfig(epochs=2))
-    from headmaster.onnx.export import export_onnx
+    from headmaster.heads.export import export_onnx
 
     with pytest.raises(HeadmasterError, match="cannot export model 'tiny-registers'.*aten::_upsample_bicubic2d_aa"):
         export_onnx(ctx, tmp_path / "export")
@@ -183,12 +179,12 @@ def test_export_matches_classify(family, dim, ctx, request, tmp_path):
     """A binary and a multi-class head in one file; onnxruntime gives hm classify's probabilities."""
     import onnxruntime as ort
 
-    from headmaster.onnx.export import export_onnx
-    from headmaster.onnx.preprocess import PreprocessSpec
+    from headmaster.embedding import PreprocessSpec
+    from headmaster.heads.export import export_onnx
 
     path = request.getfixturevalue(f"{family}_path")
     if dim is None:
-        from headmaster.embedders import load_embedder
+        from headmaster.embedding import load_embedder
 
         dim = load_embedder("probe", str(path), device="cpu").dim
     add_model(ctx.store, f"tiny-{family}", str(path), dim)
@@ -201,7 +197,7 @@ def test_export_matches_classify(family, dim, ctx, request, tmp_path):
     assert meta["heads"]["colour"]["type"] == "binary" and meta["heads"]["hue"]["classes"] == ["blue", "green", "red"]
     assert meta["heads"]["hue"]["uncertain"] == {"rule": "min_confidence", "min_confidence": 0.5}
     spec = PreprocessSpec.from_json(meta["preprocess"])
-    from headmaster.images import load_image
+    from headmaster.embedding import load_image
 
     paths = source_images(src)
     session = ort.InferenceSession(str(report.onnx_path), providers=["CPUExecutionProvider"])
@@ -214,7 +210,7 @@ def test_export_matches_classify(family, dim, ctx, request, tmp_path):
 
 
 def test_export_errors(ctx, clip_path, dinov2_path, tmp_path):
-    from headmaster.onnx.export import export_onnx
+    from headmaster.heads.export import export_onnx
 
     add_model(ctx.store, "tiny-clip", str(clip_path), 24)
     _two_heads(ctx.workspace.root)

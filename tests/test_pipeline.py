@@ -12,11 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from headmaster.cores import SPLIT, TURNS, CoreShare
-from headmaster.embedders import get_embedder
-from headmaster.images import load_image
-from headmaster.pipeline import EmbedResult, embed_paths, ordered_map, vectors_for
-from headmaster.registry import add_model
+from headmaster.embedding import EmbedResult, add_model, embed_paths, get_embedder, load_image, ordered_map, vectors_for
+from headmaster.embedding.cores import SPLIT, TURNS, CoreShare
 from headmaster.store import Store
 
 TINY_VISION_224 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -135,8 +132,8 @@ def test_unusable_contents_are_remembered_so_a_rerun_needs_no_model(tmp_path, cl
 
     from helpers import colour_image
 
-    import headmaster.pipeline as pipeline
-    from headmaster.errors import HeadmasterError
+    import headmaster.embedding.pipeline as pipeline
+    from headmaster import HeadmasterError
 
     good = colour_image(tmp_path / "good.png", "red", 1)
     broken = tmp_path / "broken.jpg"
@@ -163,7 +160,8 @@ def test_unusable_contents_are_remembered_so_a_rerun_needs_no_model(tmp_path, cl
 
 
 def test_a_file_that_cannot_be_read_now_is_not_called_unusable(tmp_path):
-    from headmaster.images import ImageError, ImageUnavailable
+    from headmaster.embedding import ImageError
+    from headmaster.embedding.images import ImageUnavailable
 
     with pytest.raises(ImageUnavailable, match="file vanished"):
         load_image(tmp_path / "missing.jpg")
@@ -292,7 +290,7 @@ def test_disabled_share_overlaps_freely():
 def test_a_model_that_fails_to_load_leaves_no_threads_and_keeps_the_hashes(tmp_path):
     from helpers import fill_bucket
 
-    from headmaster.errors import HeadmasterError
+    from headmaster import HeadmasterError
 
     files = fill_bucket(tmp_path / "imgs", "red", 3)
     not_a_model = tmp_path / "not-a-model"
@@ -307,7 +305,7 @@ def test_a_model_that_fails_to_load_leaves_no_threads_and_keeps_the_hashes(tmp_p
 
 
 def test_default_workers_use_every_core_only_beside_a_gpu(monkeypatch):
-    import headmaster.pipeline as pipeline
+    import headmaster.embedding.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "cpu_cores", lambda: 16)
     assert pipeline.default_workers("cpu") == 8  # the CPU forward pass needs the cores too

@@ -3,7 +3,7 @@ import time
 
 from helpers import fill_bucket
 
-from headmaster.pipeline import embed_paths
+from headmaster.embedding import embed_paths
 
 
 def test_second_embed_reads_no_unchanged_file(clip_ctx, tmp_path):

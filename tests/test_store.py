@@ -3,7 +3,7 @@ import sqlite3
 import numpy as np
 import pytest
 
-from headmaster.errors import HeadmasterError
+from headmaster import HeadmasterError
 from headmaster.store import Store
 
 

@@ -21,7 +21,7 @@ from helpers import fill_bucket
 from PIL import Image
 from test_daemon import Hmd, wait_for
 
-from headmaster.registry import add_model
+from headmaster.embedding import add_model
 from headmaster.store import Store
 
 REASON = skip_reason()  # raises in CI (CI=true) when the browser is missing: there the tests must run

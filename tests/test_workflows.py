@@ -19,18 +19,17 @@ from click.testing import CliRunner
 from helpers import colour_image, fill_bucket
 from PIL import Image
 
+from headmaster import HeadmasterError
 from headmaster.cli import cli
-from headmaster.context import Context, EmbedOptions
-from headmaster.duplicates import find_near_duplicates, hashed_leaks, indexed_leaks
-from headmaster.errors import HeadmasterError
-from headmaster.heads import TrainConfig
-from headmaster.labels import import_labels, read_label_csv
-from headmaster.output import render
-from headmaster.ranking import find_suspects, rank_folder
-from headmaster.registry import add_model
-from headmaster.sidecars import write_sidecars
-from headmaster.sorting import predict_heads, source_images
-from headmaster.training import train_one
+from headmaster.curation import find_suspects
+from headmaster.curation.labels import import_labels, read_label_csv
+from headmaster.curation.ranking import rank_folder
+from headmaster.curation.sidecars import write_sidecars
+from headmaster.embedding import Context, EmbedOptions, add_model
+from headmaster.evaluation import indexed_leaks
+from headmaster.evaluation.duplicates import find_near_duplicates, hashed_leaks
+from headmaster.heads import TrainConfig, predict_heads, source_images, train_one
+from headmaster.heads.output import render
 
 FAST = TrainConfig(epochs=30)
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from headmaster.errors import HeadmasterError
+from headmaster import HeadmasterError
 from headmaster.workspace import Workspace, is_image_name, list_images
 
 

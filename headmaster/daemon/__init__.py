@@ -1,0 +1,39 @@
+"""The daemon wing: hmd, a torch-free supervisor and a model worker that sleeps.
+
+main.py           the hmd command; service.py, the Daemon that wires the parts below together
+watcher.py        watchdog events from heads/, inbox/ and classified/, settled before they count
+state.py          per-head dirty and retrain bookkeeping, counters
+inbox.py          sorting the inbox: verdicts in, crash-safe moves out
+control.py        the Unix socket hmctl talks to; protocol.py, the worker's JSON messages
+worker_client.py  starting, calling and stopping the worker process
+worker.py         the worker process: the only part that imports torch; LocalWorker, its operations in-process
+logs.py           loguru to the journal or a file
+
+It sits above every wing but finetune and the shells; nothing below imports it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# name -> the module of this wing that defines it; imported on first use, so importing the wing costs nothing
+_EXPORTS = {
+    "LocalWorker": "worker",
+    "request": "control",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from headmaster.daemon.control import request
+    from headmaster.daemon.worker import LocalWorker
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from loguru import logger
 
-from headmaster.errors import HeadmasterError
+from headmaster import HeadmasterError
 
 MAX_REQUEST_BYTES = 64 * 1024
 IDLE_TIMEOUT_S = 30.0  # a client that sends nothing for this long is dropped

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from headmaster.fileops import move_into, remove_stale_temps, unique_path
-from headmaster.images import file_sha256
-from headmaster.store import FileRecord, Store
 from headmaster.daemon.watcher import is_candidate_name
+from headmaster.embedding import file_sha256
+from headmaster.fileops import move_into, remove_stale_temps, unique_path
+from headmaster.store import FileRecord, Store
 
 REJECTED = "_rejected"  # classified/<head>/_rejected/: files that cannot be read as images
 CHUNK = 16  # files decided and moved per step unless the caller says; the stop flag is checked between steps

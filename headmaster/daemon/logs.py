@@ -6,8 +6,8 @@ import sys
 
 from loguru import logger
 
+from headmaster import HeadmasterError
 from headmaster.config import Config
-from headmaster.errors import HeadmasterError
 
 STDERR_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}"
 

@@ -10,9 +10,9 @@ import sys
 import click
 from loguru import logger
 
+from headmaster import HeadmasterError
 from headmaster.config import load_config
 from headmaster.daemon.logs import setup_logging
-from headmaster.errors import HeadmasterError
 
 EXIT_CONFIG = 78  # sysexits.h EX_CONFIG: the config file is unusable
 

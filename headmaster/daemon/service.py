@@ -56,18 +56,18 @@ import sdnotify
 from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 
+from headmaster import HeadmasterError
 from headmaster.config import Config, load_config
+from headmaster.curation import Learned, confirmable, correction_counts, ensure_schema, is_correction, learn
 from headmaster.daemon.control import ControlServer
 from headmaster.daemon.inbox import REJECTED, Placed, Verdict, inbox_files, inbox_heads, resolve_leftovers, sort_files
 from headmaster.daemon.logs import setup_logging
-from headmaster.daemon.state import CheckpointCache, DaemonState, head_fields, iso, needs_retrain
+from headmaster.daemon.state import DaemonState, iso, needs_retrain
 from headmaster.daemon.watcher import Settler, WorkspaceHandler, reports_closes, start_observer
-from headmaster.daemon.worker_client import WorkerCrashed, WorkerClient, rss_mib
-from headmaster.errors import HeadmasterError
+from headmaster.daemon.worker_client import WorkerClient, WorkerCrashed, rss_mib
+from headmaster.embedding import PILLOW_VERSION, file_sha256, hash_paths, scan_paths
 from headmaster.fileops import unique_path
-from headmaster.images import file_sha256
-from headmaster.learning import Learned, confirmable, correction_counts, ensure_schema, is_correction, learn
-from headmaster.pipeline import PILLOW_VERSION, hash_paths, scan_paths
+from headmaster.heads import CheckpointCache, head_fields
 from headmaster.store import Model, Store, damaged_message
 from headmaster.workspace import Workspace
 
@@ -237,11 +237,14 @@ class Daemon:
         web = self.config.web
         if not web.enabled:
             return
-        from headmaster.daemon.review import DaemonReview
-        from headmaster.web.server import WebError, WebServer
+        from headmaster.web import ReviewService, WebError, WebServer
 
         try:
-            self.review = DaemonReview(self)
+            # the page's model work goes to the worker process; a label is learned at once, as a moved file is
+            self.review = ReviewService(
+                self.ws, self.worker_call, live=self.status,
+                teach=lambda store, head, bucket, path, hash_: self._teach(head, bucket, path, hash_, "correction",
+                                                                          store=store))
             self.web = WebServer(self.review, web.listen, web.token)
             url = self.web.start()
         except (WebError, OSError, HeadmasterError, sqlite3.DatabaseError) as e:

@@ -12,11 +12,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
-from headmaster.errors import HeadmasterError
-from headmaster.checkpoint_meta import read_checkpoint_meta as read_checkpoint  # no torch in the supervisor
-from headmaster.workspace import LabelledSet, Workspace
+from headmaster import HeadmasterError
+from headmaster.heads import read_checkpoint_meta as read_checkpoint  # no torch in the supervisor
+from headmaster.workspace import Workspace
 
 
 @dataclass
@@ -127,51 +126,3 @@ def needs_retrain(ws: Workspace, head: str, model_name: str | None) -> Freshness
 
 def iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
-
-
-@dataclass
-class CheckpointCache:
-    """Checkpoint metadata for status answers, re-read only when the file changes."""
-
-    entries: dict[Path, tuple[tuple[int, int], dict]] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def summary(self, path: Path) -> dict | None:
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return None
-        key = (st.st_mtime_ns, st.st_size)
-        with self.lock:
-            hit = self.entries.get(path)
-            if hit and hit[0] == key:
-                return hit[1]
-        try:
-            ck = read_checkpoint(path)
-        except HeadmasterError as e:
-            summary = {"error": str(e)}
-        else:
-            meta = ck.get("metadata", {})
-            summary = {"type": ck["type"], "kind": ck.get("kind", "mlp"), "model": ck["model"],
-                       "classes": list(ck["classes"]),
-                       "threshold": ck.get("threshold"), "created_at": meta.get("created_at"),
-                       "metrics": meta.get("metrics", {})}
-        with self.lock:
-            self.entries[path] = (key, summary)
-        return summary
-
-
-def head_fields(labelled: LabelledSet, ck: dict) -> dict:
-    """What a status answer says about one head: its buckets and its checkpoint summary (`CheckpointCache`)."""
-    return {
-        "type": ck.get("type", labelled.head_type),
-        "kind": ck.get("kind"),
-        "buckets": {b.name: len(b.images) for b in labelled.buckets},
-        "images": labelled.image_count,
-        "trained": "type" in ck,
-        "last_trained": ck.get("created_at"),
-        "model": ck.get("model"),
-        "threshold": ck.get("threshold"),
-        "metrics": ck.get("metrics", {}),
-        "error": ck.get("error"),
-    }

@@ -35,12 +35,17 @@ import signal
 import socket
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from headmaster.context import Context, EmbedOptions
+from headmaster import HeadmasterError
 from headmaster.daemon.protocol import WorkerGone, receive, send
-from headmaster.errors import HeadmasterError
+from headmaster.embedding import Context, EmbedOptions
+from headmaster.store import Store
+
+if TYPE_CHECKING:
+    from headmaster.workspace import Workspace
 
 CRASH_ENV = "HEADMASTER_TEST_CRASH_ON"
 DELAY_ENV = "HEADMASTER_TEST_DECIDE_DELAY"
@@ -57,13 +62,13 @@ class Worker:
     # -- helpers ---------------------------------------------------------------------
     def model_loaded(self) -> bool:
         # not imported yet: nothing loaded; the model is PyTorch's (embedders) or an ONNX Runtime session
-        embedders = sys.modules.get("headmaster.embedders")
-        onnx = sys.modules.get("headmaster.onnx.backbone")
+        embedders = sys.modules.get("headmaster.embedding.embedders")
+        onnx = sys.modules.get("headmaster.embedding.onnx.backbone")
         return bool(embedders is not None and embedders._CACHE) or bool(onnx is not None and onnx._OPEN)
 
     def _trained_head(self, head: str):
         """The head's checkpoint, loaded once per version of the file and active model."""
-        from headmaster.sorting import load_trained
+        from headmaster.heads import load_trained
 
         path = self.ctx.workspace.checkpoint_path(head)
         try:
@@ -84,7 +89,7 @@ class Worker:
         return {"pid": os.getpid()}
 
     def embed(self, paths: list[str]) -> dict[str, Any]:
-        from headmaster.pipeline import embed_paths
+        from headmaster.embedding import embed_paths
 
         model = self.ctx.active_model()
         result = embed_paths(self.ctx.store, model, [Path(p) for p in paths], device=self.ctx.options.device,
@@ -98,9 +103,8 @@ class Worker:
         return {"model": name, "notices": notices}
 
     def train(self, head: str, epochs: int, lr: float, seed: int) -> dict[str, Any]:
-        from headmaster.heads import TrainConfig
-        from headmaster.heap import release_freed_memory
-        from headmaster.training import train_one
+        from headmaster.embedding import release_freed_memory
+        from headmaster.heads import TrainConfig, train_one
 
         try:
             report = train_one(self.ctx, head, TrainConfig(epochs=epochs, lr=lr, seed=seed))
@@ -110,7 +114,7 @@ class Worker:
         return {"head_type": report.head_type, "images": report.images, "metrics": report.metrics}
 
     def decide(self, head: str, paths: list[str]) -> dict[str, Any]:
-        from headmaster.sorting import decide_paths
+        from headmaster.heads import decide_paths
 
         if delay := float(os.environ.get(DELAY_ENV, "0") or 0):
             time.sleep(delay)
@@ -121,15 +125,15 @@ class Worker:
                 "unusable": [[str(s.path), s.reason] for s in embedded.skipped]}
 
     def rank_uncertain(self, head: str, limit: int | None = None) -> list[dict[str, Any]]:
-        from headmaster.learning import rank_uncertain
+        from headmaster.curation import rank_uncertain
 
         return [{"path": str(u.path), "guess": u.bucket, "score": round(u.score, 4), "margin": round(u.margin, 4)}
                 for u in rank_uncertain(self.ctx, head, limit)]
 
     def suspects(self, head: str, folds: int = 5, limit: int | None = None, epochs: int | None = None
                  ) -> dict[str, Any]:
+        from headmaster.curation import find_suspects
         from headmaster.heads import TrainConfig
-        from headmaster.ranking import find_suspects
 
         config = TrainConfig() if epochs is None else TrainConfig(epochs=epochs)
         report = find_suspects(self.ctx, head, folds=folds, config=config, limit=limit)
@@ -141,9 +145,7 @@ class Worker:
 
     def figures(self, head: str) -> dict[str, Any]:
         """The review page's test-set confusion matrix (when test/<head>/ exists) and `hm evaluate` figures."""
-        from headmaster.evaluation import confusion_matrix
-        from headmaster.figures import confusion_figures, evaluation_figures
-        from headmaster.repeated import evaluate_head
+        from headmaster.evaluation import confusion_figures, confusion_matrix, evaluate_head, evaluation_figures
 
         ws = self.ctx.workspace
         parts = {}
@@ -158,13 +160,44 @@ OPS: dict[str, Callable[..., Any]] = {name: getattr(Worker, name) for name in (
     "hello", "embed", "default_model", "train", "decide", "rank_uncertain", "suspects", "figures")}
 
 
+class LocalWorker:
+    """The worker's operations on one thread of this process: the review page under `hm serve`, without hmd.
+
+    `call` has the shape of hmd's `worker_call` (op, **args), so the page cannot tell the two apart. The
+    model loads on that thread at the first operation that needs it; `close` releases the database.
+    """
+
+    def __init__(self, ws: "Workspace", options: EmbedOptions | None = None):
+        self.ws = ws
+        self.options = options or EmbedOptions(progress=False)
+        self._executor: ThreadPoolExecutor | None = None
+        self._worker: Worker | None = None  # over our own Context, on the executor's thread
+
+    def call(self, op: str, **args: Any) -> Any:
+        def run() -> Any:
+            if self._worker is None:
+                self._worker = Worker(Context(self.ws, Store(self.ws.db_path), self.options))
+            return OPS[op](self._worker, **args)
+
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="hm-serve-model")
+        return self._executor.submit(run).result()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            if self._worker is not None:
+                self._executor.submit(self._worker.ctx.close).result()
+            self._executor.shutdown()
+            self._executor = None
+
+
 def install_test_hooks() -> None:
     """The test-only crash hook, off unless HEADMASTER_TEST_CRASH_ON is set: decoding a file whose name
     contains that text kills this process with SIGKILL, as a segfault in a decoder would."""
     needle = os.environ.get(CRASH_ENV)
     if not needle:
         return
-    from headmaster import pipeline
+    from headmaster.embedding import pipeline
 
     decode = pipeline.load_image
 

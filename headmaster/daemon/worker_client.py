@@ -27,9 +27,9 @@ from typing import Any
 
 from loguru import logger
 
+from headmaster import HeadmasterError
 from headmaster.daemon.protocol import WorkerGone, receive, send
 from headmaster.daemon.state import iso
-from headmaster.errors import HeadmasterError
 
 STOP_WAIT_S = 3.0  # a worker told to go gets this long before SIGKILL
 SUPERVISOR_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")

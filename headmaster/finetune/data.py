@@ -21,11 +21,10 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from headmaster.embedders import Embedder
-from headmaster.errors import HeadmasterError
+from headmaster import HeadmasterError
+from headmaster.embedding import (Embedder, ImageError, default_workers, load_image, ordered_map, progress_enabled,
+                                  worker_setup)
 from headmaster.finetune.targets import AdaptRule, blocks_of, split_index
-from headmaster.images import ImageError, load_image
-from headmaster.pipeline import _worker_setup, default_workers, ordered_map, progress_enabled
 
 CROP_SCALE = (0.35, 1.0)  # share of the image area a random crop keeps
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -120,15 +119,15 @@ class Trunk:
 
     def values_per_view(self) -> int:
         """Size of one view's activations (numbers), from a blank image of the model's input size."""
-        from headmaster.embedders import _probe_size
+        from headmaster.embedding import probe_size
 
-        return int(self.capture(torch.zeros((1, 3, *_probe_size(self.embedder.processor)))).numel())
+        return int(self.capture(torch.zeros((1, 3, *probe_size(self.embedder.processor)))).numel())
 
     def stand_in(self, batch: int) -> torch.Tensor:
         """Pixels for the stem while replaying: its output is thrown away, so as small as the stem allows."""
-        from headmaster.embedders import _probe_size
+        from headmaster.embedding import probe_size
 
-        h, w = (STAND_IN_SIDE, STAND_IN_SIDE) if self.rule.any_size else _probe_size(self.embedder.processor)
+        h, w = (STAND_IN_SIDE, STAND_IN_SIDE) if self.rule.any_size else probe_size(self.embedder.processor)
         return self.embedder.place(torch.zeros((batch, 3, h, w)))
 
 
@@ -227,7 +226,7 @@ def fill_views(cache: ViewCache, trunk: Trunk, items: list[tuple[str, Path, int]
 
     try:
         for (h, _, n_aug), decoded in ordered_map(decode, todo, workers, max(2 * batch_size, 4 * workers),
-                                                  initializer=_worker_setup):
+                                                  initializer=worker_setup):
             if isinstance(decoded, ImageError):
                 cache.failed[h] = str(decoded)
                 bar.update(1 + n_aug)

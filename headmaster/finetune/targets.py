@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from headmaster.errors import HeadmasterError
+from headmaster import HeadmasterError
 
 
 def _get(model: Any, dotted: str) -> Any:

@@ -27,18 +27,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from headmaster.context import Context
-from headmaster.embedders import Embedder, load_embedder
-from headmaster.errors import HeadmasterError
-from headmaster.finetune.adapters import add_adapters, write_adapter_folder
+from headmaster import HeadmasterError
+from headmaster.embedding import (Context, Embedder, activate_model, add_adapters, add_model, load_embedder,
+                                  progress_enabled)
+from headmaster.finetune.adapters import write_adapter_folder
 from headmaster.finetune.data import Trunk, ViewCache, fill_views, views_that_fit
 from headmaster.finetune.targets import adapt_rule, blocks_of, lora_targets
-from headmaster.heads import (HeadMLP, TrainConfig, class_weights, head_from_checkpoint, read_checkpoint,
-                              save_checkpoint, training_split)
-from headmaster.pipeline import progress_enabled
-from headmaster.registry import activate_model, add_model
+from headmaster.heads import (HeadMLP, TrainConfig, TrainReport, class_weights, head_from_checkpoint, labelled_rows,
+                              read_checkpoint, save_checkpoint, train_one, training_split)
 from headmaster.store import Model
-from headmaster.training import TrainReport, labelled_rows, train_one
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from headmaster.errors import HeadmasterError
+from headmaster import HeadmasterError
 from headmaster.web.backend import HASH_ID, Action, Item, NotFound, ReviewBackend
 from headmaster.web.security import SECURITY_HEADERS, Guard, GuardMiddleware
 from headmaster.web.thumbnails import THUMBS_DIR, ThumbnailError, cached_thumbnail

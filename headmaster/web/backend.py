@@ -1,7 +1,7 @@
 """What the review page needs from whoever runs it: the daemon (hmd) or `hm serve`.
 
 The web package talks to the heads only through this interface, so serving a page never
-imports torch or the model code: `headmaster.review` implements it in-process, the daemon
+imports torch or the model code: `headmaster.web.review` implements it in-process, the daemon
 implements it on its worker thread (headmaster/daemon/review.py).
 Images are named by content hash (SHA-256 hex), never by a path from the request.
 """

@@ -5,55 +5,25 @@
 - The Host header must name the address we listen on, so a rebound DNS name cannot reach us.
 - Every state change is a POST carrying the per-process CSRF token the page was rendered with.
 
-Plain ASGI and the standard library only: `headmaster.config` validates `[web] listen` with it.
+Plain ASGI and the standard library only. The listen-address rules themselves are plain data that
+`headmaster.config` checks `[web] listen` with (`check_listen`); this module applies them to requests.
 """
 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import secrets
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
 from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qs
 
+from headmaster.config import WILDCARDS, is_loopback
+
 TOKEN_COOKIE = "hm_token"
 CSRF_HEADER = "x-csrf-token"
 CSRF_FIELD = "csrf"
-LOOPBACK_NAMES = ("localhost",)
-WILDCARDS = ("0.0.0.0", "::", "")
 SAFE_METHODS = ("GET", "HEAD")
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """'HOST:PORT' (IPv6 as '[::1]:PORT') -> (host, port); ValueError with the reason."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"must be HOST:PORT (like 127.0.0.1:7878), got {listen!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"write an IPv6 address in brackets, like [::1]:7878, got {listen!r}")
-    return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_listen(listen: str, token: str) -> tuple[str, int]:
-    """The (host, port) to bind; ValueError unless it is loopback or a token is set."""
-    host, port = parse_listen(listen)
-    if not is_loopback(host) and not token:
-        raise ValueError(f"{listen} is reachable from other machines; set a token ([web] token, or "
-                         f"hm serve --token) to serve the page there, or listen on 127.0.0.1")
-    return host, port
 
 
 def url_host(host: str) -> str:

@@ -15,9 +15,10 @@ from typing import Any
 
 import uvicorn
 
+from headmaster.config import check_listen
 from headmaster.web.app import create_app
 from headmaster.web.backend import ReviewBackend
-from headmaster.web.security import Guard, check_listen, url_host
+from headmaster.web.security import Guard, url_host
 
 START_TIMEOUT_S = 10.0
 

@@ -1,0 +1,54 @@
+"""The curation wing: what a person should look at, label or fix.
+
+ranking.py   the images a head is least sure of, and the examples it doubts (hm rank, hm suspects)
+learning.py  corrections: a file moved between buckets becomes an example, logged and undoable
+labels.py    importing labels from a CSV into bucket folders (hm import-labels)
+sidecars.py  caption files written beside images (hm classify --sidecar)
+doctor.py    checking headmaster's own files and rebuilding a damaged cache (hm doctor)
+
+It builds on heads and evaluation; it never serves a page or runs a daemon.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# name -> the module of this wing that defines it; imported on first use, so importing the wing costs nothing
+_EXPORTS = {
+    "Learned": "learning",
+    "NOT_LABELS": "learning",
+    "confirmable": "learning",
+    "correction_counts": "learning",
+    "corrections_log": "learning",
+    "ensure_schema": "learning",
+    "find_suspects": "ranking",
+    "import_labels": "labels",
+    "is_correction": "learning",
+    "learn": "learning",
+    "rank_folder": "ranking",
+    "rank_rows": "ranking",
+    "rank_uncertain": "learning",
+    "read_label_csv": "labels",
+    "suspect_rows": "ranking",
+    "unlearn": "learning",
+    "write_sidecars": "sidecars",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from headmaster.curation.labels import import_labels, read_label_csv
+    from headmaster.curation.learning import (NOT_LABELS, Learned, confirmable, correction_counts, corrections_log,
+                                              ensure_schema, is_correction, learn, rank_uncertain, unlearn)
+    from headmaster.curation.ranking import find_suspects, rank_folder, rank_rows, suspect_rows
+    from headmaster.curation.sidecars import write_sidecars
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,81 @@
+"""The embedding wing: files -> pixels -> vectors, and the cache they land in.
+
+images.py      opening a file as RGB pixels (the decoder guards, EXIF orientation), its SHA-256
+embedders.py   loading a vision model (MODEL_KINDS) and taking its embedding (FEATURE_RULES)
+adapted.py     the adapted model kind: a folder `hm finetune` wrote, loaded as a registered model
+builtin.py     the built-in EfficientNet-Lite0 backbone, prepared offline from its PyPI package
+backends.py    PyTorch or ONNX Runtime for a model on this machine (`--backend`)
+onnx/          the backbone exported once to ONNX and run on the CPU with ONNX Runtime
+pipeline.py    hash, decode and embed many files in batches; the vectors cached in headmaster.db
+cores.py       how many threads decode and how many the model gets; heap.py, freed memory given back
+registry.py    the registered models (hm model-add, model-list, ...); context.py, what every command needs
+
+It never decides anything about an image: no heads, no buckets, no file moves.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# name -> the module of this wing that defines it; imported on first use, so importing the wing costs nothing
+_EXPORTS = {
+    "BackboneVectors": "onnx.graph",
+    "Context": "context",
+    "EmbedOptions": "context",
+    "EmbedResult": "pipeline",
+    "Embedder": "embedders",
+    "INPUT_NAME": "onnx.runtime",
+    "ImageError": "images",
+    "PILLOW_VERSION": "pipeline",
+    "PreprocessSpec": "onnx.preprocess",
+    "Skipped": "pipeline",
+    "activate_model": "registry",
+    "add_adapters": "adapted",
+    "add_model": "registry",
+    "cpu_session": "onnx.runtime",
+    "default_workers": "pipeline",
+    "embed_for": "pipeline",
+    "embed_paths": "pipeline",
+    "export_module": "onnx.graph",
+    "file_sha256": "images",
+    "get_embedder": "embedders",
+    "hash_paths": "pipeline",
+    "load_embedder": "embedders",
+    "load_image": "images",
+    "ordered_map": "pipeline",
+    "probe_pixels": "onnx.backbone",
+    "probe_size": "embedders",
+    "progress_enabled": "pipeline",
+    "release_freed_memory": "heap",
+    "scan_paths": "pipeline",
+    "spec_from_processor": "onnx.preprocess",
+    "vectors_for": "pipeline",
+    "worker_setup": "pipeline",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from headmaster.embedding.adapted import add_adapters
+    from headmaster.embedding.context import Context, EmbedOptions
+    from headmaster.embedding.embedders import Embedder, get_embedder, load_embedder, probe_size
+    from headmaster.embedding.heap import release_freed_memory
+    from headmaster.embedding.images import ImageError, file_sha256, load_image
+    from headmaster.embedding.onnx.backbone import probe_pixels
+    from headmaster.embedding.onnx.graph import BackboneVectors, export_module
+    from headmaster.embedding.onnx.preprocess import PreprocessSpec, spec_from_processor
+    from headmaster.embedding.onnx.runtime import INPUT_NAME, cpu_session
+    from headmaster.embedding.pipeline import (PILLOW_VERSION, EmbedResult, Skipped, default_workers, embed_for,
+                                               embed_paths, hash_paths, ordered_map, progress_enabled, scan_paths,
+                                               vectors_for, worker_setup)
+    from headmaster.embedding.registry import activate_model, add_model
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,90 @@
+"""The heads wing: vectors -> decisions.
+
+base.py        what every head kind shares: settings, input rule, split, weights, metrics, the checkpoint dict
+mlp.py         the seed's MLP; prototypes.py, a prototype per class (cosine similarity)
+checkpoint.py  checkpoint files: saved atomically, read with weights_only=True, rebuilt as a head (HEAD_KINDS)
+checkpoint_meta.py  what a checkpoint says about itself, read without torch (hmd's supervisor)
+checkpoint_files.py exporting and cleaning checkpoint files (hm export, hm clean)
+arrays.py      scoring with numpy alone, and the uncertain rules every decision follows
+training.py    hm train: a head's labelled images embedded and a head trained on them
+sorting.py     hm classify: decisions for files, and placing copies or moves into bucket folders
+output.py      rows out: an aligned table, CSV or JSON; status.py, what hm status shows
+export.py      hm export --format onnx: backbone and heads as one ONNX graph
+demo/          hm demo: the main job in miniature, on sample photos that ship in the package
+
+It reads vectors from the embedding wing and never judges itself: evaluation and curation sit above.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# name -> the module of this wing that defines it; imported on first use, so importing the wing costs nothing
+_EXPORTS = {
+    "BINARY_MARGIN": "arrays",
+    "CheckpointCache": "checkpoint_meta",
+    "Decision": "sorting",
+    "FORMATS": "output",
+    "HeadMLP": "mlp",
+    "MULTICLASS_MIN_CONFIDENCE": "arrays",
+    "MultiPrediction": "sorting",
+    "TrainConfig": "base",
+    "TrainReport": "training",
+    "TrainedHead": "base",
+    "UNCERTAIN": "arrays",
+    "binary_metrics": "base",
+    "class_weights": "base",
+    "classify_folder": "sorting",
+    "decide_paths": "sorting",
+    "embed_heads": "training",
+    "export_onnx": "export",
+    "head_fields": "checkpoint_meta",
+    "head_from_checkpoint": "checkpoint",
+    "labelled_rows": "training",
+    "lay_out": "demo",
+    "load_head": "checkpoint",
+    "load_trained": "sorting",
+    "multiclass_metrics": "base",
+    "predict_heads": "sorting",
+    "prediction_rows": "sorting",
+    "prepare_inputs": "base",
+    "read_checkpoint": "checkpoint",
+    "read_checkpoint_meta": "checkpoint_meta",
+    "run_demo": "demo",
+    "save_checkpoint": "checkpoint",
+    "source_images": "sorting",
+    "stratified_split": "base",
+    "train_head": "mlp",
+    "train_one": "training",
+    "train_prototypes": "prototypes",
+    "training_split": "base",
+    "write_rows": "output",
+    "write_text_atomic": "output",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from headmaster.heads.arrays import BINARY_MARGIN, MULTICLASS_MIN_CONFIDENCE, UNCERTAIN
+    from headmaster.heads.base import (TrainConfig, TrainedHead, binary_metrics, class_weights, multiclass_metrics,
+                                       prepare_inputs, stratified_split, training_split)
+    from headmaster.heads.checkpoint import head_from_checkpoint, load_head, read_checkpoint, save_checkpoint
+    from headmaster.heads.checkpoint_meta import CheckpointCache, head_fields, read_checkpoint_meta
+    from headmaster.heads.demo import lay_out, run_demo
+    from headmaster.heads.export import export_onnx
+    from headmaster.heads.mlp import HeadMLP, train_head
+    from headmaster.heads.output import FORMATS, write_rows, write_text_atomic
+    from headmaster.heads.prototypes import train_prototypes
+    from headmaster.heads.sorting import (Decision, MultiPrediction, classify_folder, decide_paths, load_trained,
+                                          predict_heads, prediction_rows, source_images)
+    from headmaster.heads.training import TrainReport, embed_heads, labelled_rows, train_one
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

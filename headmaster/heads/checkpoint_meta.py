@@ -1,0 +1,146 @@
+"""What a checkpoint says about itself (type, model, classes, sources, metrics), read without torch.
+
+hmd's supervisor never imports torch, yet it decides whether a head needs retraining
+and shows checkpoint facts in `hmctl status`. A checkpoint is torch's zip format: a
+pickle (`<name>/data.pkl`) whose tensors point into separate storage records. This
+reader unpickles that pickle with an allow-list even stricter than
+`torch.load(weights_only=True)`: plain containers, `collections.OrderedDict`, and
+torch's tensor-rebuild functions, which here build an opaque placeholder instead of
+a tensor (no storage is read). Any other global in the file is refused, so no code
+from the file ever runs. Loading a head for use still goes through
+`checkpoint.read_checkpoint` (torch, weights_only=True) in the worker.
+
+`CheckpointCache` keeps these facts per file until it changes, for status answers (hmd's
+`hmctl status`, the review page's overview).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from headmaster import HeadmasterError
+from headmaster.workspace import LabelledSet
+
+REQUIRED = ("type", "input_dim", "model", "model_state_dict", "classes")
+MAX_PICKLE_BYTES = 64 * 1024 * 1024  # the metadata pickle of a head is a few kB; refuse absurd ones
+
+
+class TensorStub:
+    """Stands for a tensor (or storage) that was not loaded."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return "<tensor not loaded>"
+
+
+def _tensor_stub(*args: Any, **kwargs: Any) -> TensorStub:
+    return TensorStub()
+
+
+_ALLOWED = {("collections", "OrderedDict"): OrderedDict, ("builtins", "set"): set,
+            ("builtins", "frozenset"): frozenset, ("builtins", "tuple"): tuple, ("builtins", "list"): list,
+            ("builtins", "dict"): dict}
+
+
+class _MetaUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED:
+            return _ALLOWED[(module, name)]
+        if module == "torch" or module.startswith("torch."):
+            # tensor rebuilders, storage types, dtypes: all become placeholders
+            return _tensor_stub if not name.endswith("Storage") else TensorStub
+        if (module, name) == ("_codecs", "encode"):  # how protocol 2 writes bytes objects
+            return lambda text, encoding="latin1": text.encode(encoding)
+        raise pickle.UnpicklingError(f"refusing global {module}.{name}")
+
+    def persistent_load(self, pid: Any) -> TensorStub:
+        return TensorStub()
+
+
+def read_checkpoint_meta(path: Path) -> dict[str, Any]:
+    """The checkpoint dictionary with every tensor replaced by a TensorStub; HeadmasterError if unreadable.
+
+    Same checks and messages as `heads.read_checkpoint`, so hmd and hm describe a damaged file alike.
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            if not names:
+                raise HeadmasterError(f"cannot read checkpoint {path}: no data.pkl inside (not a torch checkpoint)")
+            info = z.getinfo(names[0])
+            if info.file_size > MAX_PICKLE_BYTES:
+                raise HeadmasterError(f"cannot read checkpoint {path}: metadata too large ({info.file_size} bytes)")
+            with z.open(info) as f:
+                data = _MetaUnpickler(f).load()
+    except FileNotFoundError:
+        raise HeadmasterError(f"no checkpoint at {path}") from None
+    except HeadmasterError:
+        raise
+    except zipfile.BadZipFile:
+        raise HeadmasterError(f"cannot read checkpoint {path}: not a torch checkpoint (damaged or another kind of "
+                              f"file)") from None
+    except Exception as e:  # anything a damaged pickle can raise
+        raise HeadmasterError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                              if str(e) else f"cannot read checkpoint {path}: {type(e).__name__}") from None
+    missing = [k for k in REQUIRED if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise HeadmasterError(f"{path} is not a headmaster checkpoint (missing {', '.join(missing)})")
+    return data
+
+
+@dataclass
+class CheckpointCache:
+    """Checkpoint metadata for status answers, re-read only when the file changes."""
+
+    entries: dict[Path, tuple[tuple[int, int], dict]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def summary(self, path: Path) -> dict | None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        key = (st.st_mtime_ns, st.st_size)
+        with self.lock:
+            hit = self.entries.get(path)
+            if hit and hit[0] == key:
+                return hit[1]
+        try:
+            ck = read_checkpoint_meta(path)
+        except HeadmasterError as e:
+            summary = {"error": str(e)}
+        else:
+            meta = ck.get("metadata", {})
+            summary = {"type": ck["type"], "kind": ck.get("kind", "mlp"), "model": ck["model"],
+                       "classes": list(ck["classes"]),
+                       "threshold": ck.get("threshold"), "created_at": meta.get("created_at"),
+                       "metrics": meta.get("metrics", {})}
+        with self.lock:
+            self.entries[path] = (key, summary)
+        return summary
+
+
+def head_fields(labelled: LabelledSet, ck: dict) -> dict:
+    """What a status answer says about one head: its buckets and its checkpoint summary (`CheckpointCache.summary`)."""
+    return {
+        "type": ck.get("type", labelled.head_type),
+        "kind": ck.get("kind"),
+        "buckets": {b.name: len(b.images) for b in labelled.buckets},
+        "images": labelled.image_count,
+        "trained": "type" in ck,
+        "last_trained": ck.get("created_at"),
+        "model": ck.get("model"),
+        "threshold": ck.get("threshold"),
+        "metrics": ck.get("metrics", {}),
+        "error": ck.get("error"),
+    }

@@ -1,0 +1,168 @@
+"""Embedding and training over the workspace: heads/ folders in, checkpoints in out/ out."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from headmaster import HeadmasterError
+from headmaster.embedding import Context, EmbedResult, Skipped, embed_for, vectors_for
+from headmaster.store import Model
+from headmaster.workspace import LabelledSet, shown_path
+
+if TYPE_CHECKING:
+    from headmaster.heads.base import TrainConfig  # heads.py imports torch: training loads it, embedding does not
+
+
+@dataclass(frozen=True)
+class LabelConflict:
+    """The same content filed under two or more buckets of one head."""
+
+    head: str
+    hash: str
+    files: tuple[Path, ...]
+    buckets: tuple[str, ...]
+
+    def describe(self, root: Path) -> str:
+        names = ", ".join(shown_path(f, root) for f in self.files)
+        return f"head '{self.head}': identical image in buckets {' and '.join(self.buckets)}: {names}"
+
+
+@dataclass
+class EmbedReport:
+    model: Model
+    result: EmbedResult
+    heads: list[str]
+    warnings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    conflicts: list[LabelConflict] = field(default_factory=list)
+    ignored: int = 0
+
+
+@dataclass
+class TrainReport:
+    head: str
+    head_type: str
+    classes: list[str]
+    images: int
+    train_count: int
+    val_count: int
+    checkpoint_path: Path
+    metrics: dict
+    threshold: float | None
+    warnings: list[str] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    conflicts: list[LabelConflict] = field(default_factory=list)
+    embed: EmbedResult | None = None
+    kind: str = "mlp"
+
+
+
+def find_conflicts(labelled: LabelledSet, hashes: dict[Path, str]) -> list[LabelConflict]:
+    """Identical contents filed under more than one bucket (one pass; the rare conflicts are gathered after)."""
+    first_bucket: dict[str, str] = {}
+    clashing: set[str] = set()
+    for path, bucket in labelled.labelled_images():
+        h = hashes.get(path)
+        if h is not None and first_bucket.setdefault(h, bucket) != bucket:
+            clashing.add(h)
+    if not clashing:
+        return []
+    by_hash: dict[str, list[tuple[Path, str]]] = defaultdict(list)
+    for path, bucket in labelled.labelled_images():
+        h = hashes.get(path)
+        if h in clashing:
+            by_hash[h].append((path, bucket))
+    return [LabelConflict(labelled.name, h, tuple(p for p, _ in items), tuple(sorted({b for _, b in items})))
+            for h, items in by_hash.items()]
+
+
+def head_names(ctx: Context, head: str | None) -> list[str]:
+    return ctx.workspace.heads_to_use(head)
+
+
+def embed_heads(ctx: Context, head: str | None = None, label: str = "Embedding") -> EmbedReport:
+    """Embed every image of one head, or of all heads, with the active model."""
+    names = head_names(ctx, head)  # workspace mistakes first: they need no model
+    sets = [ctx.workspace.head(n) for n in names]
+    model = ctx.active_model()
+    paths = [p for s in sets for p, _ in s.labelled_images()]
+    result = embed_for(ctx, model, paths, label)
+    report = EmbedReport(model, result, names, ignored=sum(s.ignored for s in sets))
+    for s in sets:
+        errors, warnings = s.problems()
+        report.errors.extend(errors)
+        report.warnings.extend(warnings)
+        report.conflicts.extend(find_conflicts(s, result.hashes))
+    return report
+
+
+def current_kind(ctx: Context, head: str) -> str:
+    """The kind of the head's existing checkpoint, so a retrain (by hand or by the daemon) keeps it; else mlp."""
+    path = ctx.workspace.checkpoint_path(head)
+    if not path.exists():
+        return "mlp"
+    from headmaster.heads.checkpoint import read_checkpoint
+
+    try:
+        return read_checkpoint(path).get("kind", "mlp")
+    except HeadmasterError:
+        return "mlp"
+
+
+def labelled_rows(ctx: Context, model: Model, labelled: LabelledSet, result: EmbedResult
+                  ) -> tuple[list[np.ndarray], list[int], dict[str, list[str]], list[Path]]:
+    """(vectors, class indices, sources per bucket, paths) of the head's images that have a vector, in training order.
+
+    The order decides the validation split, so everything that trains on a head's split uses this.
+    """
+    vectors = vectors_for(ctx.store, model, result.hashes)
+    classes = labelled.classes
+    rows, labels, sources, paths = [], [], {c: [] for c in classes}, []
+    for path, bucket in labelled.labelled_images():
+        if path in vectors:
+            paths.append(path)
+            rows.append(vectors[path])
+            labels.append(classes.index(bucket))
+            sources[bucket].append(shown_path(path, ctx.workspace.heads_dir))
+    return rows, labels, sources, paths
+
+
+def train_one(ctx: Context, head: str, config: "TrainConfig | None" = None) -> TrainReport:
+    """Embed what is missing, train the head and write out/<head>.pt (atomically)."""
+    from headmaster.heads.base import TrainConfig
+    from headmaster.heads.checkpoint import save_checkpoint
+    from headmaster.heads.mlp import train_head
+    from headmaster.heads.prototypes import train_prototypes
+
+    config = config or TrainConfig()
+    labelled = ctx.workspace.head(head)
+    warnings = labelled.check()  # workspace mistakes first: they need no model
+    model = ctx.active_model()
+    result = embed_for(ctx, model, [p for p, _ in labelled.labelled_images()], f"Embedding {head}")
+    classes = labelled.classes
+    rows, labels, sources, _ = labelled_rows(ctx, model, labelled, result)
+    empty = [c for c in classes if not sources[c]]
+    if empty:
+        raise HeadmasterError(f"head '{head}': no usable images left in bucket(s) {', '.join(empty)} "
+                              f"({len(result.skipped)} files could not be read)")
+    matrix = np.stack(rows)
+    if matrix.shape[1] != model.embed_dim:
+        raise HeadmasterError(f"cached vectors have {matrix.shape[1]} dimensions, model '{model.name}' "
+                              f"is registered with {model.embed_dim}")
+    kind = config.kind or current_kind(ctx, head)
+    if kind == "prototype":
+        outcome = train_prototypes(head, classes, matrix, np.array(labels), sources, model.name, config)
+    else:
+        outcome = train_head(head, classes, matrix, np.array(labels), sources, model.name, config)
+    path = ctx.workspace.checkpoint_path(head)
+    save_checkpoint(outcome.checkpoint, path)
+    if outcome.val_on_train:
+        warnings.append(f"head '{head}': too few images for a validation split; metrics are on training data")
+    return TrainReport(head, outcome.checkpoint["type"], classes, len(rows), outcome.train_count, outcome.val_count,
+                       path, outcome.checkpoint["metadata"]["metrics"], outcome.checkpoint.get("threshold"),
+                       warnings, result.skipped, find_conflicts(labelled, result.hashes), result, kind)

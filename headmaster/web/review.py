@@ -1,0 +1,302 @@
+"""The review page's backend in-process: what `hm serve` runs, and what hmd runs on its worker.
+
+Labelling a queue image moves it from classified/<head>/uncertain/ (or the bucket it was
+sorted into) into classified/<head>/<bucket>/ with the crash-safe move, then `learn()` makes it
+an example exactly as the daemon does when a user moves the file by hand. Suspects move
+between buckets of heads/<head>/ or out into heads/<head>/_excluded/. Every action is kept
+on an undo stack; undo puts the file back and unlearns what was learned.
+
+Model work (ranking, suspects, evaluation) goes through the `model_call(op, **args)` it is given:
+the named operations of hmd's worker (headmaster/daemon/worker.py, returning plain JSON data).
+Under hmd they go to the worker process; under `hm serve`, to a thread of that process
+(daemon.worker.LocalWorker). Whoever runs the page passes in what it needs of them (`teach`, `live`),
+so this module knows nothing of the daemon. It imports no torch, so hmd's supervisor serves the page
+without it. File moves and the corrections log use this object's own database connection, so a
+label never waits for a retrain.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from headmaster import HeadmasterError
+from headmaster.curation import NOT_LABELS, Learned, ensure_schema, learn, unlearn
+from headmaster.embedding import hash_paths
+from headmaster.evaluation import indexed_leaks, read_figures, save_figures
+from headmaster.fileops import move_into
+from headmaster.heads import UNCERTAIN, CheckpointCache, head_fields
+from headmaster.store import FileRecord, Store
+from headmaster.web.backend import EXCLUDED, Action, Item, NotFound
+from headmaster.workspace import NOT_BUCKET_PREFIXES, Workspace, list_images, shown_path
+
+RECENT_SORTS = 200  # how many recent sorts the queue looks at after the uncertain ones
+SUSPECT_FOLDS = 5
+SUSPECT_EPOCHS = 30
+
+
+ModelCall = Callable[..., Any]  # (op, **args) -> JSON data: a named operation of the model worker
+Teach = Callable[[Store, str, str, Path, str], Learned]  # (store, head, bucket, path, hash) -> what was learned
+
+
+class ReviewService:
+    """The ReviewBackend over one workspace (see headmaster/web/backend.py).
+
+    `model_call` runs the model operations; `teach` makes a labelled file an example (default: `learn()`
+    at once, the head retrains on the next `hm train`); `live` adds what a daemon knows to the status
+    (retrains, pending retrain, inbox).
+    """
+
+    def __init__(self, ws: Workspace, model_call: ModelCall, teach: Teach | None = None,
+                 live: Callable[[], dict[str, Any]] | None = None):
+        self.ws = ws
+        self.model_call = model_call
+        self._teach = teach
+        self._live = live
+        self.store = Store(ws.db_path)  # file moves and the corrections log; never the model
+        ensure_schema(self.store)
+        self._lock = threading.RLock()  # one action at a time: moves and the undo stack stay in step
+        self._undo: list[tuple[Action, Item, Path, Path]] = []  # (action, item before, path before, path after)
+        self._paths: dict[str, Path] = {}  # id -> where the image was when we last showed it
+        self._items: dict[tuple[str, str], Item] = {}  # (head, id) -> the item shown
+        self._suspects: dict[str, tuple[tuple[int, int] | None, list[Item]]] = {}  # head -> (checkpoint key, items)
+        self._checkpoints = CheckpointCache()
+
+    @property
+    def workspace_root(self) -> Path:
+        return self.ws.root
+
+    def close(self) -> None:
+        self.store.close()
+
+    def teach(self, head: str, bucket: str, path: Path, hash_: str) -> Learned:
+        """Make the labelled file an example, on this object's own database connection."""
+        if self._teach is not None:
+            return self._teach(self.store, head, bucket, path, hash_)
+        return learn(self.store, self.ws, head, bucket, path, hash_, "correction")
+
+    def live(self) -> dict[str, Any]:
+        return self._live() if self._live is not None else {}
+
+    # -- reading ----------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        live = self.live()
+        live_heads = live.get("heads", {})
+        heads: dict[str, Any] = {}
+        for name in self.ws.head_names():
+            try:
+                labelled = self.ws.head(name)
+            except HeadmasterError:
+                continue  # removed while we looked
+            ck = self._checkpoints.summary(self.ws.checkpoint_path(name)) or {}
+            errors, warnings = labelled.problems()
+            with self._lock:  # our connection serves one thread at a time
+                leaks, _ = indexed_leaks(self.ws, self.store, name, labelled)
+            heads[name] = {
+                **head_fields(labelled, ck),
+                "uncertain": _count_images(self.ws.classified_dir / name / UNCERTAIN),
+                "excluded": _count_images(self.ws.heads_dir / name / EXCLUDED),
+                "warnings": errors + warnings + [leak.describe(self.ws.root) for leak in leaks],
+                **{k: v for k, v in live_heads.get(name, {}).items() if k not in ("buckets", "metrics")},
+            }
+        out = {"daemon": bool(live), "workspace": str(self.ws.root), "heads": heads}
+        for key in ("pid", "model", "activity", "paused", "inbox", "uptime_s", "errors"):
+            if key in live:
+                out[key] = live[key]
+        return out
+
+    def queue(self, head: str, limit: int) -> list[Item]:
+        classes = self._known_head(head).classes
+
+        try:
+            found = self.model_call("rank_uncertain", head=head)
+        except HeadmasterError:
+            found = []  # not trained yet: nothing to rank
+        paths = [Path(u["path"]) for u in found]
+        with self._lock:  # our connection serves one thread at a time
+            hashes, _, _ = hash_paths(self.store, paths)
+        ranked = [(Item(hashes[p], head, p.name, "uncertain", None, u["guess"],
+                        _probability(classes, u["guess"], u["score"]), u["margin"]), p)
+                  for u, p in zip(found, paths) if p in hashes]
+        seen = {i.id for i, _ in ranked}
+        with self._lock:
+            recent = [(i, p) for i, p in self._recent_sorts(head, classes, limit) if i.id not in seen]
+        chosen = _unique(ranked + recent)[:limit]
+        self._remember(chosen)
+        return [i for i, _ in chosen]
+
+    def _recent_sorts(self, head: str, classes: list[str], limit: int) -> list[tuple[Item, Path]]:
+        """Files the head sorted into a bucket lately, still there and not yet corrected, newest first."""
+        out: list[tuple[Item, Path]] = []
+        rows = self.store.conn.execute(
+            "SELECT destination, hash, bucket, score FROM sorts WHERE head = ? AND hash IS NOT NULL "
+            "ORDER BY id DESC LIMIT ?", (head, RECENT_SORTS)).fetchall()
+        base = self.ws.classified_dir / head
+        for destination, hash_, bucket, score in rows:
+            path = Path(destination)
+            if bucket in NOT_LABELS or bucket.startswith(("_", ".")) or path.parent != base / bucket:
+                continue
+            if not path.exists() or self._learned(head, hash_):
+                continue
+            out.append((Item(hash_, head, path.name, "sorted", bucket, bucket, _probability(classes, bucket, score)),
+                        path))
+            if len(out) >= limit:
+                break
+        return out
+
+    def _learned(self, head: str, hash_: str) -> bool:
+        row = self.store.conn.execute("SELECT kind FROM corrections WHERE head = ? AND hash = ? ORDER BY id DESC "
+                                      "LIMIT 1", (head, hash_)).fetchone()
+        return row is not None and row[0] != "unlearned"
+
+    def suspects(self, head: str, limit: int) -> list[Item]:
+        self._known_head(head)
+        key = _stat_key(self.ws.checkpoint_path(head))
+        cached = self._suspects.get(head)
+        if cached is None or cached[0] != key:
+            # a head that cannot be scored yet: HeadmasterError, shown on the page
+            report = self.model_call("suspects", head=head, folds=SUSPECT_FOLDS, epochs=SUSPECT_EPOCHS)
+            found = [(Item(x["hash"], head, Path(x["path"]).name, "example", x["bucket"], x["preferred"],
+                           x["p_bucket"]), Path(x["path"])) for x in report["suspects"]]
+            with self._lock:
+                self._remember(found)
+                self._suspects[head] = (key, [i for i, _ in found])
+        with self._lock:  # drop the ones moved since (an action, or by hand)
+            items = [i for i in self._suspects[head][1] if self._paths.get(i.id) and self._paths[i.id].exists()
+                     and self._paths[i.id].parent.name == i.bucket]
+        return items[:limit]
+
+    def details(self, head: str) -> dict[str, Any]:
+        self._known_head(head)
+        status = self.status()["heads"].get(head, {})
+        figures = read_figures(self.ws, head)
+        return {"head": head, "status": status, "evaluation": figures}
+
+    def evaluate(self, head: str) -> dict[str, Any]:
+        self._known_head(head)
+
+        return save_figures(self.ws, head, **self.model_call("figures", head=head))
+
+    def image_path(self, id: str) -> Path:
+        with self._lock:
+            path = self._paths.get(id)
+        if path is None or not path.exists():
+            raise NotFound(f"no image {id}")
+        return path
+
+    # -- changing ---------------------------------------------------------------------------
+    def label(self, head: str, id: str, bucket: str) -> Action:
+        if head not in self.ws.head_names() or "/" in bucket or bucket.startswith(NOT_BUCKET_PREFIXES) \
+                or not (self.ws.heads_dir / head / bucket).is_dir():  # not a scan of every image: this runs per key
+            raise NotFound(f"head '{head}' has no bucket '{bucket}'")
+        with self._lock:
+            item, path = self._current(head, id)
+            if item.where == "example":
+                return self._push(item, path, "move", bucket, move_into(path, self.ws.heads_dir / head / bucket))
+            if item.where == "sorted" and item.bucket == bucket:
+                return self._push(item, path, "keep", bucket, path)
+            moved = move_into(path, self.ws.classified_dir / head / bucket)
+            _index(self.store, moved, id)  # the watcher finds its hash without reading the file again
+            learned = self.teach(head, bucket, moved, id)
+            return self._push(item, path, "label", bucket, moved, learned)
+
+    def exclude(self, head: str, id: str) -> Action:
+        self._known_head(head)
+        with self._lock:
+            item, path = self._current(head, id)
+            if item.where != "example":
+                raise NotFound(f"only training examples can be excluded; {item.name} is in classified/")
+            return self._push(item, path, "exclude", EXCLUDED, move_into(path, self.ws.heads_dir / head / EXCLUDED))
+
+    def undo(self) -> Action | None:
+        with self._lock:
+            if not self._undo:
+                return None
+            action, item, before, after = self._undo.pop()
+            if action.kind == "keep":
+                return action
+            if not after.exists():
+                raise NotFound(f"{shown_path(after, self.ws.root)} is gone; nothing to undo")
+            back = move_into(after, before.parent, before.name)
+            _index(self.store, back, item.id)
+            if action.kind == "label":
+                self._unteach(action, item, back)
+            self._paths[item.id] = back
+            return action
+
+    def _unteach(self, action: Action, item: Item, back: Path) -> None:
+        """Undo what `learn` did: remove an added example, move a moved one back."""
+        if action.learned == "added":
+            unlearn(self.store, self.ws, action.head, back)
+        elif action.learned == "moved" and item.bucket is not None:
+            self.teach(action.head, item.bucket, back, item.id)
+
+    def restore_item(self, action: Action) -> Item | None:
+        with self._lock:
+            return self._items.get((action.head, action.id))
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def _known_head(self, head: str):
+        if head not in self.ws.head_names():
+            raise NotFound(f"unknown head '{head}'")
+        return self.ws.head(head)
+
+    def _remember(self, items: list[tuple[Item, Path]]) -> None:
+        with self._lock:
+            for item, path in items:
+                self._paths[item.id] = path
+                self._items[(item.head, item.id)] = item
+
+    def _current(self, head: str, id: str) -> tuple[Item, Path]:
+        item = self._items.get((head, id))
+        path = self._paths.get(id)
+        if item is None or path is None:
+            raise NotFound(f"no image {id} in head '{head}'")
+        if not path.exists():
+            raise NotFound(f"{shown_path(path, self.ws.root)} was moved meanwhile; reload the page")
+        return item, path
+
+    def _push(self, item: Item, before: Path, kind: str, bucket: str, after: Path,
+              learned: Learned | None = None) -> Action:
+        action = Action(kind, item.head, item.id, item.name, bucket, shown_path(before, self.ws.root),
+                        shown_path(after, self.ws.root), learned.action if learned else None)
+        self._undo.append((action, item, before, after))
+        self._paths[item.id] = after
+        return action
+
+
+def _probability(classes: list[str], bucket: str, score: float | None) -> float | None:
+    """The probability of `bucket` from a decision's score (binary scores are the probability of classes[1])."""
+    if score is None:
+        return None
+    p = 1.0 - float(score) if len(classes) == 2 and bucket == classes[0] else float(score)
+    return round(p, 4)
+
+
+def _unique(items: list[tuple[Item, Path]]) -> list[tuple[Item, Path]]:
+    seen: set[str] = set()
+    out = []
+    for item, path in items:
+        if item.id not in seen:
+            seen.add(item.id)
+            out.append((item, path))
+    return out
+
+
+def _index(store: Store, path: Path, hash_: str) -> None:
+    st = os.stat(path)
+    store.put_file_records([FileRecord(str(path), st.st_size, st.st_mtime_ns, st.st_ino, hash_)])
+
+
+def _stat_key(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def _count_images(folder: Path) -> int:
+    return len(list_images(folder)[0]) if folder.is_dir() else 0
