@@ -69,7 +69,7 @@ class _MetaUnpickler(pickle.Unpickler):
 def read_checkpoint_meta(path: Path) -> dict[str, Any]:
     """The checkpoint dictionary with every tensor replaced by a TensorStub; HeadmasterError if unreadable.
 
-    Same checks and messages as `heads.read_checkpoint`, so hmd and hm describe a damaged file alike.
+    Same checks and messages as `checkpoint.read_checkpoint`, so hmd and hm describe a damaged file alike.
     """
     path = Path(path)
     try:

@@ -73,7 +73,7 @@ class ClassifyReport:
 def load_trained(ctx: Context, head: str) -> tuple[ArrayHead, Model]:
     """The head's checkpoint and the registered model it needs; errors if it cannot be used now.
 
-    The head scores with numpy (head_arrays.py), so classifying needs torch only to embed."""
+    The head scores with numpy (arrays.py), so classifying needs torch only to embed."""
     trained = load_array_head(ctx.workspace.trained_checkpoint(head))
     model = ctx.active_model()
     if trained.model_name != model.name:

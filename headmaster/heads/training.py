@@ -15,7 +15,7 @@ from headmaster.store import Model
 from headmaster.workspace import LabelledSet, shown_path
 
 if TYPE_CHECKING:
-    from headmaster.heads.base import TrainConfig  # heads.py imports torch: training loads it, embedding does not
+    from headmaster.heads.base import TrainConfig  # base.py imports torch: training loads it, embedding does not
 
 
 @dataclass(frozen=True)
