@@ -9,7 +9,7 @@ worker_client.py  starting, calling and stopping the worker process
 worker.py         the worker process: the only part that imports torch; LocalWorker, its operations in-process
 logs.py           loguru to the journal or a file
 
-It sits above every wing but finetune and the shells; nothing below imports it.
+It sits above every other wing (it never reaches into finetune); only the shells import it.
 """
 
 from __future__ import annotations
