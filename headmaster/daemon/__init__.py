@@ -1,6 +1,12 @@
 """The daemon wing: hmd, a torch-free supervisor and a model worker that sleeps.
 
 main.py           the hmd command; service.py, the Daemon that wires the parts below together
+hub.py            what the Daemon's parts share: config, workspace, job queue, scheduler, worker, headmaster.db
+events.py         the watcher's sink and the timers it arms (settle checks, debounced retrains)
+calls.py          the job thread's worker calls, surviving crashes; the active model; embedding examples
+retrain.py        a dirty head's retrain; sorter.py, sorting the inbox when its head can sort
+corrections.py    learning from corrections and the review page's labels
+answers.py        hmctl's commands and `hmctl status`
 watcher.py        watchdog events from heads/, inbox/ and classified/, settled before they count
 state.py          per-head dirty and retrain bookkeeping, counters
 inbox.py          sorting the inbox: verdicts in, crash-safe moves out

@@ -149,7 +149,7 @@ class Settler:
 
 
 class Sink(Protocol):
-    """What the handler reports to (the daemon service)."""
+    """What the handler reports to (the Daemon's Events, headmaster/daemon/events.py)."""
 
     def example_changed(self, head: str, path: Path, writing: bool) -> None: ...
     def example_closed(self, head: str, path: Path) -> None: ...

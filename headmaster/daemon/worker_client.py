@@ -9,7 +9,7 @@ the model included, goes back to the system); 0 keeps it running.
 
 When the worker dies during a call (a segfault in a decoder, the OOM killer, kill -9),
 the call raises WorkerCrashed and the next call starts a fresh worker. What to retry
-is the caller's decision (headmaster/daemon/service.py retries each file once).
+is the caller's decision (headmaster/daemon/calls.py retries each file once).
 This module imports nothing heavy: it runs in the supervisor.
 """
 
