@@ -1,8 +1,9 @@
 """What the review page needs from whoever runs it: the daemon (hmd) or `hm serve`.
 
 The web package talks to the heads only through this interface, so serving a page never
-imports torch or the model code: `headmaster.web.review` implements it in-process, the daemon
-implements it on its worker thread (headmaster/daemon/review.py).
+imports torch or the model code: `headmaster.web.review.ReviewService` implements it over one
+workspace, with the model work sent wherever its owner says (hmd's worker process, or a thread of
+`hm serve`: daemon/worker.py's LocalWorker).
 Images are named by content hash (SHA-256 hex), never by a path from the request.
 """
 
