@@ -130,11 +130,12 @@ def embed_options(fn: Callable | None = None, *, bad_config_ok: bool = False) ->
     def with_backend(*args, backend=None, **kwargs):
         obj = click.get_current_context().find_root().obj
         try:
-            obj["backend"] = backend or _config_backend(obj)
+            embedding = _config_embedding(obj)
+            obj["backend"], obj["max_pixels"] = backend or embedding.backend, embedding.max_pixels
         except HeadmasterError:
             if not bad_config_ok:
                 raise
-            obj["backend"] = "auto"
+            obj["backend"], obj["max_pixels"] = "auto", None
         return command(*args, **kwargs)
 
     fn = click.option("--backend", type=click.Choice(BACKENDS), default=None,
@@ -152,7 +153,7 @@ def embed_options(fn: Callable | None = None, *, bad_config_ok: bool = False) ->
 
 def _context(obj: dict, device=None, batch_size=None, workers=None) -> Context:
     return Context.open(obj.get("workspace"), EmbedOptions(device, batch_size, workers, obj.get("progress"),
-                                                           obj.get("backend")),
+                                                           obj.get("backend"), obj.get("max_pixels")),
                         notify=_note)
 
 
@@ -170,11 +171,11 @@ def _early_checks(obj: dict, existing: tuple[str, ...] = (), trained: tuple[str,
         ws.trained_checkpoint(head)
 
 
-def _config_backend(obj: dict) -> str:
-    """The config file's [embedding] backend, else auto."""
+def _config_embedding(obj: dict):
+    """The config file's [embedding] section (backend, max_pixels), else the defaults."""
     from headmaster.config import load_config
 
-    return load_config(workspace=obj.get("workspace")).embedding.backend
+    return load_config(workspace=obj.get("workspace")).embedding
 
 
 def _print_skipped(skipped: list[Skipped], root: Path) -> None:
