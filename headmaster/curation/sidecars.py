@@ -1,9 +1,9 @@
 """Sidecar files (seed 003): the prediction written beside each image instead of a copy.
 
 `photo.jpg` gets `photo.txt` (the tags, comma separated, as caption files are: a
-binary head's name when its positive bucket wins, a multi-class head's bucket; heads.tags) or `photo.json` (every head's probabilities, prediction and
-score). An existing sidecar is never replaced unless asked; the image itself is
-never touched.
+binary head's name when its positive bucket wins, a multi-class head's bucket;
+heads.tags) or `photo.json` (every head's probabilities, prediction and score).
+An existing sidecar is never replaced unless asked; the image itself is never touched.
 """
 
 from __future__ import annotations
