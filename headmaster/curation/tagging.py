@@ -20,6 +20,7 @@ import json
 import os
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,9 +29,9 @@ from tqdm import tqdm
 
 from headmaster import HeadmasterError
 from headmaster.curation.sidecars import sidecar_paths
-from headmaster.curation.xmp import HeadRecord, SidecarError, merge_sidecar, sidecar_tags, write_sidecar
+from headmaster.curation.xmp import HeadRecord, SidecarError, merge_sidecar_tags, write_sidecar
 from headmaster.embedding import Context, EmbedResult, Skipped, progress_enabled
-from headmaster.fileops import write_atomic
+from headmaster.fileops import fsync_dir, write_atomic
 from headmaster.heads import (HeadRules, Tag, cut_margin, decide_with_cut, embed_for_scoring, load_heads,
                               score_vectors, tag_for)
 from headmaster.store import Store
@@ -38,6 +39,8 @@ from headmaster.workspace import is_image_name
 
 KINDS = ("xmp", "txt", "json")
 XMP_NAMES = ("full", "base")  # photo.jpg.xmp (digiKam, darktable, Immich) or photo.xmp (Lightroom)
+WRITE_THREADS = 4  # sidecar writes in flight: each waits on its fsync, not on the CPU
+WRITE_BATCH = 256  # sidecars planned before they are written (their bytes held in memory meanwhile)
 SKIP_FOLDERS = frozenset({"@eaDir", "#recycle"})  # NAS thumbnail and trash folders: full of JPEGs that are not photos
 
 SCHEMA = """
@@ -269,8 +272,7 @@ def _plan_xmp(image: Path, sidecar: Path, records: list[HeadRecord]) -> tuple[Ta
     """What writing this image's XMP would do, and the bytes to write (None: nothing to write)."""
     try:
         existing = _read(sidecar)
-        before = sidecar_tags(existing) if existing else {}
-        data = merge_sidecar(existing, records)
+        data, before = merge_sidecar_tags(existing, records)
     except SidecarError as e:
         return TagAction(image, sidecar, "xmp", "unreadable", note=f"left as it is: cannot parse it ({e})"), None
     except OSError as e:
@@ -301,11 +303,12 @@ def _plan_text(image: Path, sidecar: Path, kind: str, text: str, ours: dict[str,
 
 
 def _write(action: TagAction, data: bytes) -> TagAction:
+    """Write one sidecar (its folder is fsynced later, once for all the files written into it)."""
     try:
         if action.kind == "xmp":
-            write_sidecar(action.sidecar, data)
+            write_sidecar(action.sidecar, data, sync_dir=False)
         else:
-            write_atomic(action.sidecar, lambda f: f.write(data))
+            write_atomic(action.sidecar, lambda f: f.write(data), sync_dir=False)
     except (HeadmasterError, OSError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         return TagAction(action.image, action.sidecar, action.kind, "failed", note=f"cannot write it: {reason}")
@@ -344,6 +347,26 @@ def tag_images(ctx: Context, images: list[Path], heads: list[str], options: TagO
     ours = written_sidecars(ctx.store)
     tag_rows: list[tuple] = []
     sidecar_rows: list[tuple] = []
+    pending: list[tuple[int, bytes]] = []  # (index in report.actions, bytes): written in parallel, WRITE_BATCH at a time
+    waiting: list[tuple[list[int], list[tuple]]] = []  # an image's action indices, and its tags rows once they succeed
+
+    def flush() -> None:
+        with ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="hm-sidecar") as pool:  # fsync waits in parallel
+            done = list(pool.map(lambda item: _write(report.actions[item[0]], item[1]), pending))
+        for (i, data), action in zip(pending, done):
+            report.actions[i] = action
+            if not action.note:
+                st = _stat(action.sidecar) or (len(data), 0)
+                sidecar_rows.append((str(action.sidecar.absolute()), str(action.image.absolute()), action.kind,
+                                     hashlib.sha256(data).hexdigest(), st[0], st[1], _now()))
+        for folder in {report.actions[i].sidecar.parent for i, _ in pending}:
+            fsync_dir(folder)  # the renames are durable before the database says they happened
+        for indices, rows in waiting:
+            if not any(report.actions[i].note for i in indices):  # a sidecar left alone: plan it again next time
+                tag_rows.extend(rows)
+        pending.clear()
+        waiting.clear()
+
     scored = [p for p in images if p in vectors]
     quiet = not progress_enabled(ctx.options.progress) or len(scored) < 200  # a bar on long runs only
     bar = tqdm(total=len(scored), desc="Writing sidecars", unit="img", disable=quiet, leave=False)
@@ -369,7 +392,7 @@ def tag_images(ctx: Context, images: list[Path], heads: list[str], options: TagO
             report.actions.extend(TagAction(image, sc, kind, "unchanged") for kind, sc in sidecars.items())
             bar.update(1)
             continue
-        failed = False
+        indices = []
         for kind, sidecar in sidecars.items():
             if kind == "xmp":
                 action, data = _plan_xmp(image, sidecar, records)
@@ -382,22 +405,21 @@ def tag_images(ctx: Context, images: list[Path], heads: list[str], options: TagO
                 action = TagAction(image, sidecar, kind, f"would {'write' if action.what == 'written' else 'update'}",
                                    action.added, action.removed)
             elif data is not None:
-                action = _write(action, data)
-                if action.what in ("written", "updated"):
-                    st = _stat(sidecar) or (len(data), 0)
-                    sidecar_rows.append((str(sidecar.absolute()), key, kind, hashlib.sha256(data).hexdigest(),
-                                         st[0], st[1], _now()))
+                pending.append((len(report.actions), data))
             elif action.what == "unchanged" and not options.dry_run:
                 st = _stat(sidecar)
                 if st is not None:  # ours or identical to ours: remember it, so the next run need not read it
                     sidecar_rows.append((str(sidecar.absolute()), key, kind, hashlib.sha256(_read(sidecar) or b"")
                                          .hexdigest(), st[0], st[1], _now()))
+            indices.append(len(report.actions))
             report.actions.append(action)
-            failed = failed or bool(action.note)
-        if not options.dry_run and not failed:  # a sidecar left alone: plan it again next time
-            tag_rows.extend((key, r.head, *s[:2], model.name, s[2], s[3], r.score, s[4], _now())
-                            for r, s in zip(records, state))
+        if not options.dry_run:
+            waiting.append((indices, [(key, r.head, *s[:2], model.name, s[2], s[3], r.score, s[4], _now())
+                                      for r, s in zip(records, state)]))
+        if len(pending) >= WRITE_BATCH:
+            flush()
         bar.update(1)
+    flush()
     bar.close()
     if tag_rows or sidecar_rows:
         _save(ctx.store, tag_rows, sidecar_rows)

@@ -141,12 +141,18 @@ def merge_sidecar(existing: bytes | None, records: Iterable[HeadRecord]) -> byte
 
     Raises SidecarError if `existing` cannot be parsed (the caller leaves that file alone).
     """
+    return merge_sidecar_tags(existing, records)[0]
+
+
+def merge_sidecar_tags(existing: bytes | None, records: Iterable[HeadRecord]) -> tuple[bytes, dict[str, str]]:
+    """merge_sidecar, and what sidecar_tags said of `existing` (head -> our previous tag), from one decode."""
     records = sorted(records, key=lambda r: r.head)
     run = {r.head for r in records}
     with _lock:
         exiv2 = _exiv2()
         image, xmp = decode_sidecar(existing) if existing else (None, exiv2.XmpData())
         old = read_records(xmp)
+        previous = {h: r.get("tag", "") for h, r in old.items()}
         kept = {h: r for h, r in old.items() if h not in run}
         ours_before = {r["added"] for r in old.values() if r.get("added")}
 
@@ -203,11 +209,12 @@ def merge_sidecar(existing: bytes | None, records: Iterable[HeadRecord]) -> byte
     if rc != 0:
         raise SidecarError(f"exiv2 could not encode the packet (rc {rc})")
     # libexiv2 pads a packet with ~2 KiB of spaces for in-file editing; a sidecar needs none
-    return re.sub(r"\s+(<\?xpacket end=)", r"\n\1", packet).encode("utf-8")
+    return re.sub(r"\s+(<\?xpacket end=)", r"\n\1", packet).encode("utf-8"), previous
 
 
-def write_sidecar(path: Path, data: bytes) -> None:
-    """Replace (or create) the sidecar atomically: temp file in the same folder, fsync, rename."""
+def write_sidecar(path: Path, data: bytes, sync_dir: bool = True) -> None:
+    """Replace (or create) the sidecar atomically: temp file in the same folder, fsync, rename (and the
+    folder's fsync unless the caller does it once for many files: `sync_dir=False`)."""
     try:
         mode = path.stat().st_mode & 0o7777
     except FileNotFoundError:
@@ -219,6 +226,6 @@ def write_sidecar(path: Path, data: bytes) -> None:
             os.fchmod(f.fileno(), mode)
 
     try:
-        write_atomic(path, write)
+        write_atomic(path, write, sync_dir=sync_dir)
     except OSError as e:
         raise HeadmasterError(f"cannot write {path.name}: {e.strerror or e}") from None
