@@ -70,6 +70,10 @@ rank_folder = lazy("headmaster.curation", "rank_folder")
 rank_rows = lazy("headmaster.curation", "rank_rows")
 suspect_rows = lazy("headmaster.curation", "suspect_rows")
 write_sidecars = lazy("headmaster.curation", "write_sidecars")
+tag_library = lazy("headmaster.curation", "tag_library")
+nearest_the_cut = lazy("headmaster.curation", "nearest_the_cut")
+near_cut_rows = lazy("headmaster.curation", "near_cut_rows")
+TagOptions = lazy("headmaster.curation", "TagOptions")
 confusion_figures = lazy("headmaster.evaluation", "confusion_figures")
 evaluation_figures = lazy("headmaster.evaluation", "evaluation_figures")
 save_figures = lazy("headmaster.evaluation", "save_figures")
@@ -130,11 +134,12 @@ def embed_options(fn: Callable | None = None, *, bad_config_ok: bool = False) ->
     def with_backend(*args, backend=None, **kwargs):
         obj = click.get_current_context().find_root().obj
         try:
-            obj["backend"] = backend or _config_backend(obj)
+            embedding = _config_embedding(obj)
+            obj["backend"], obj["max_pixels"] = backend or embedding.backend, embedding.max_pixels
         except HeadmasterError:
             if not bad_config_ok:
                 raise
-            obj["backend"] = "auto"
+            obj["backend"], obj["max_pixels"] = "auto", None
         return command(*args, **kwargs)
 
     fn = click.option("--backend", type=click.Choice(BACKENDS), default=None,
@@ -152,7 +157,7 @@ def embed_options(fn: Callable | None = None, *, bad_config_ok: bool = False) ->
 
 def _context(obj: dict, device=None, batch_size=None, workers=None) -> Context:
     return Context.open(obj.get("workspace"), EmbedOptions(device, batch_size, workers, obj.get("progress"),
-                                                           obj.get("backend")),
+                                                           obj.get("backend"), obj.get("max_pixels")),
                         notify=_note)
 
 
@@ -170,11 +175,11 @@ def _early_checks(obj: dict, existing: tuple[str, ...] = (), trained: tuple[str,
         ws.trained_checkpoint(head)
 
 
-def _config_backend(obj: dict) -> str:
-    """The config file's [embedding] backend, else auto."""
+def _config_embedding(obj: dict):
+    """The config file's [embedding] section (backend, max_pixels), else the defaults."""
     from headmaster.config import load_config
 
-    return load_config(workspace=obj.get("workspace")).embedding.backend
+    return load_config(workspace=obj.get("workspace")).embedding
 
 
 def _print_skipped(skipped: list[Skipped], root: Path) -> None:
@@ -611,6 +616,94 @@ def _classify_sidecars(c: Context, names: list[str], src: Path, kind: str, overw
     summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no images"
     click.echo(("Dry run: " if dry_run else "") + f"{kind} sidecars for {len(report.actions)} images in {src}: "
                + summary + (f" ({len(report.skipped)} skipped)" if report.skipped else ""))
+
+
+@cli.command()
+@click.argument("sources", metavar="SRC...", nargs=-1, required=True, type=click.Path())
+@click.option("--heads", default=None, metavar="A,B,C", help="Heads to tag with (comma separated).")
+@click.option("--all", "all_heads", is_flag=True, help="Every trained head (the default).")
+@click.option("--recursive/--no-recursive", "-r", default=True, show_default=True,
+              help="Walk folders below SRC (hidden files and folders are skipped, symlinks not followed).")
+@click.option("--xmp/--no-xmp", default=True, show_default=True,
+              help="Merge the tags into photo.jpg.xmp (dc:subject, lr:hierarchicalSubject, digiKam:TagsList); "
+                   "everything else in it is kept.")
+@click.option("--xmp-name", type=click.Choice(["full", "base"]), default="full", show_default=True,
+              help="full: photo.jpg.xmp (digiKam, darktable, Immich); base: photo.xmp (Lightroom).")
+@click.option("--txt", is_flag=True, help="Also write photo.txt captions (the tags, comma separated).")
+@click.option("--json", "json_", is_flag=True, help="Also write photo.json (every head's decision and scores).")
+@click.option("--threshold", "thresholds", multiple=True, metavar="T|HEAD=T",
+              help="This run's cut: T for every binary head (tag when the positive bucket's probability is at "
+                   "least T), HEAD=T for one head (a multi-class head's minimum confidence). Repeatable.")
+@click.option("--prefix", default="", metavar="TEXT", help="Start every .txt caption with TEXT (not repeated).")
+@click.option("--dry-run", is_flag=True, help="Print what would change; write nothing.")
+@click.option("--uncertain", is_flag=True, help="List the photos nearest the cut instead (a ranking); write nothing.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
+              help="With --uncertain: how many photos.")
+@embed_options
+@click.pass_obj
+@user_errors
+def tag(obj, sources, heads, all_heads, recursive, xmp, xmp_name, txt, json_, thresholds, prefix, dry_run,
+        uncertain, limit, device, batch_size, workers) -> None:
+    """Tag the photos in SRC (files or folders) where they live: sidecars photo tools read.
+
+    Each trained head's decision becomes a tag: a binary head's name when its positive
+    bucket wins, a multi-class head's bucket (headmaster|<head>|<bucket>); uncertain adds
+    nothing. The photos themselves are never written.
+    """
+    if heads is not None and all_heads:
+        raise HeadmasterError("give --heads A,B or --all, not both")
+    names = _head_list(None, heads) if heads is not None else None
+    if names:
+        _early_checks(obj, trained=tuple(names))
+    options = TagOptions(xmp=xmp, txt=txt, json=json_, xmp_name=xmp_name, recursive=recursive,
+                         cuts=_parse_cuts(thresholds), prefix=prefix, dry_run=dry_run)
+    paths = [Path(s) for s in sources]
+    with _context(obj, device, batch_size, workers) as c:
+        if uncertain:
+            near, skipped = nearest_the_cut(c, paths, names, options, limit)
+            _print_skipped(skipped, Path.cwd())
+            write_rows(near_cut_rows(near, Path.cwd()), "table", sys.stdout)
+            return
+        report = tag_library(c, paths, names, options)
+    _print_tagged(report)
+
+
+def _parse_cuts(values: tuple[str, ...]) -> dict:
+    cuts: dict = {}
+    for value in values:
+        head, _, number = value.rpartition("=")
+        try:
+            cut = float(number)
+        except ValueError:
+            cut = -1.0
+        if not 0 <= cut <= 1 or (head == "" and "=" in value):
+            raise HeadmasterError(f"--threshold takes T or HEAD=T with T from 0 to 1, got '{value}'")
+        cuts[head or None] = cut
+    return cuts
+
+
+def _print_tagged(report) -> None:
+    here = Path.cwd()
+    _print_skipped(report.skipped, here)
+    for a in report.problems():
+        click.echo(f"{_shown(a.sidecar)}: {a.note}", err=True)
+    if report.dry_run:
+        for a in report.actions:
+            if a.what.startswith("would"):
+                change = " ".join([*(f"+{t}" for t in a.added), *(f"-{t}" for t in a.removed)])
+                click.echo(f"{a.what} {_shown(a.sidecar)}" + (f": {change}" if change else ""))
+    kinds = "; ".join(f"{kind} " + ", ".join(f"{n} {what}" for what, n in sorted(counts.items()))
+                      for kind, counts in report.counts().items()) or "no sidecars"
+    tags = ", ".join(f"{t.removeprefix('headmaster|')} {n}" for t, n in sorted(report.tag_counts().items()))
+    notes = [f"{len(report.skipped)} skipped"] if report.skipped else []
+    if report.found.hidden:
+        notes.append(f"{report.found.hidden} hidden skipped")
+    if report.found.symlinks:
+        notes.append(f"{report.found.symlinks} symlinks not followed")
+    click.echo(("Dry run: would tag" if report.dry_run else "Tagged") + f" {len(report.tags)} images "
+               f"({', '.join(report.heads)}) in {report.seconds:.1f} s, {report.images_per_second:.1f} img/s: "
+               f"{kinds}; tags: {tags or 'none'}" + (f" ({', '.join(notes)})" if notes else "")
+               + ("; nothing was written" if report.dry_run else ""))
 
 
 @cli.command("confusion-matrix")

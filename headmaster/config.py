@@ -22,6 +22,7 @@ from headmaster.workspace import Workspace
 
 CONFIG_ENV = "HEADMASTER_CONFIG"
 CONFIG_NAME = "config.toml"
+MIN_MAX_PIXELS = 1_000_000  # [embedding] max_pixels below one megapixel would refuse ordinary photos
 BACKENDS = ("auto", "torch", "onnxruntime")  # [embedding] backend, hm --backend: headmaster.embedding.backends
 LOOPBACK_NAMES = ("localhost",)
 WILDCARDS = ("0.0.0.0", "::", "")  # listening on every address
@@ -72,6 +73,7 @@ class WebConfig:
 @dataclass
 class EmbeddingConfig:
     backend: str = "auto"  # auto, torch or onnxruntime (headmaster.embedding.backends); --backend overrides it
+    max_pixels: int = 89_478_485  # decoded pixels per image before it is refused as a bomb (images.MAX_IMAGE_PIXELS)
 
 
 @dataclass
@@ -199,6 +201,9 @@ def _check_values(config: Config, where: str) -> None:
     if config.embedding.backend not in BACKENDS:
         raise HeadmasterError(f"{where}: 'embedding.backend' must be one of {', '.join(BACKENDS)}, "
                               f"got {config.embedding.backend!r}")
+    if config.embedding.max_pixels < MIN_MAX_PIXELS:
+        raise HeadmasterError(f"{where}: 'embedding.max_pixels' must be at least {MIN_MAX_PIXELS} (one megapixel), "
+                              f"got {config.embedding.max_pixels}")
     _check_web(config.web, where)
     if config.learning.confirm_after_days < 0:
         raise HeadmasterError(f"{where}: 'learning.confirm_after_days' must be 0 or more, "

@@ -82,10 +82,12 @@ def _claim_unique(tmp: Path, folder: Path, name: str) -> Path:
             continue
 
 
-def write_atomic(path: Path, write: Callable[[BinaryIO], object], replace: bool = True) -> None:
+def write_atomic(path: Path, write: Callable[[BinaryIO], object], replace: bool = True, sync_dir: bool = True) -> None:
     """Write `path` through a temp file in the same folder, fsynced, then renamed into place.
 
     `replace=False` keeps an existing file (FileExistsError). The temp file never outlives a failure.
+    `sync_dir=False` leaves the folder's fsync (which makes the rename durable) to the caller, who
+    writes many files into few folders and syncs each folder once.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
@@ -101,7 +103,8 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], object], replace: bool 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 def copy_into(src: Path, folder: Path, name: str | None = None) -> Path:

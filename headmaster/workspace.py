@@ -13,7 +13,11 @@ from pathlib import Path
 
 from headmaster import HeadmasterError
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+HEIF_EXTENSIONS = frozenset({".heic", ".heif", ".avif"})  # iPhones' HEIC (pillow-heif), AVIF (Pillow's own plugin)
+# camera RAW: read through the embedded JPEG preview (rawpy), a reduced demosaic when there is none
+RAW_EXTENSIONS = frozenset({".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}) | HEIF_EXTENSIONS \
+    | RAW_EXTENSIONS
 MIN_BUCKET_IMAGES = 20  # below this a bucket gets a warning, not an error
 DEFAULT_WORKSPACE = "workspace"
 NOT_BUCKET_PREFIXES = (".", "_")  # folders in a head that are not buckets (heads/<head>/_excluded/, ...)

@@ -66,6 +66,8 @@ def test_relative_paths_follow_the_config_file(tmp_path, monkeypatch):
     ("daemon = 3\n", "daemon"),
     ("[daemon]\nmax_delay_seconds = 0\n", "daemon.max_delay_seconds"),
     ("[daemon]\nlog_level = \"LOUD\"\n", "daemon.log_level"),
+    ("[embedding]\nmax_pixels = 1000\n", "embedding.max_pixels"),
+    ("[embedding]\nmax_pixels = \"lots\"\n", "embedding.max_pixels"),
 ])
 def test_bad_key_or_type_names_the_key(tmp_path, text, key):
     with pytest.raises(HeadmasterError) as e:

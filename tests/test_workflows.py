@@ -274,15 +274,19 @@ def test_sidecars_written_and_existing_kept(trained, inbox):
     report = write_sidecars(trained, ["colour"], inbox, "txt")
     assert report.counts() == {"written": 5, "kept": 1}
     assert kept.read_text() == "my own caption\n"
-    assert (inbox / "new_red_1.txt").read_text() == "red\n" and (inbox / "new_blue_2.txt").read_text() == "blue\n"
+    # binary heads are tags named after the head: colour's positive bucket is red (the second sorted bucket)
+    assert (inbox / "new_red_1.txt").read_text() == "colour\n" and (inbox / "new_blue_2.txt").read_text() == "\n"
 
     r = hm(trained, "classify", "--heads", "colour,warm", "--src", str(inbox), "--sidecar", "txt")
     assert r.exit_code == 0, r.output
-    assert "kept" in r.stdout and (inbox / "new_red_1.txt").read_text() == "red\n"  # no --overwrite: all kept
+    assert "kept" in r.stdout and (inbox / "new_red_1.txt").read_text() == "colour\n"  # no --overwrite: all kept
 
     r = hm(trained, "classify", "--heads", "colour,warm", "--src", str(inbox), "--sidecar", "txt", "--overwrite")
     assert r.exit_code == 0 and "6 replaced" in r.stdout
-    assert kept.read_text() == "red, warm\n" and (inbox / "new_blue_0.txt").read_text() == "blue, cool\n"
+    assert kept.read_text() == "colour, warm\n" and (inbox / "new_blue_0.txt").read_text() == "\n"
+
+    r = hm(trained, "classify", "--heads", "hue", "--src", str(inbox), "--sidecar", "txt", "--overwrite")
+    assert (inbox / "new_blue_0.txt").read_text() == "blue\n"  # a multi-class head: the winning bucket
 
     r = hm(trained, "classify", "--head", "hue", "--src", str(inbox), "--sidecar", "json")
     doc = json.loads((inbox / "new_blue_1.json").read_text())

@@ -4,6 +4,8 @@ ranking.py   the images a head is least sure of, and the examples it doubts (hm 
 learning.py  corrections: a file moved between buckets becomes an example, logged and undoable
 labels.py    importing labels from a CSV into bucket folders (hm import-labels)
 sidecars.py  caption files written beside images (hm classify --sidecar)
+xmp.py       XMP sidecars merged with headmaster's tags, everything else kept
+tagging.py   tagging a photo library where it lives (hm tag): sidecars, and a record of what was written
 doctor.py    checking headmaster's own files and rebuilding a damaged cache (hm doctor)
 
 It builds on heads and evaluation; it never serves a page or runs a daemon.
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "Learned": "learning",
     "NOT_LABELS": "learning",
+    "TagOptions": "tagging",
     "confirmable": "learning",
     "correction_counts": "learning",
     "corrections_log": "learning",
@@ -26,11 +29,15 @@ _EXPORTS = {
     "import_labels": "labels",
     "is_correction": "learning",
     "learn": "learning",
+    "near_cut_rows": "tagging",
+    "nearest_the_cut": "tagging",
     "rank_folder": "ranking",
     "rank_rows": "ranking",
     "rank_uncertain": "learning",
     "read_label_csv": "labels",
     "suspect_rows": "ranking",
+    "tag_images": "tagging",
+    "tag_library": "tagging",
     "unlearn": "learning",
     "write_sidecars": "sidecars",
 }
@@ -43,6 +50,7 @@ if TYPE_CHECKING:
                                               ensure_schema, is_correction, learn, rank_uncertain, unlearn)
     from headmaster.curation.ranking import find_suspects, rank_folder, rank_rows, suspect_rows
     from headmaster.curation.sidecars import write_sidecars
+    from headmaster.curation.tagging import TagOptions, near_cut_rows, nearest_the_cut, tag_images, tag_library
 
 
 def __getattr__(name: str) -> Any:

@@ -1,9 +1,9 @@
 """Sidecar files (seed 003): the prediction written beside each image instead of a copy.
 
-`photo.jpg` gets `photo.txt` (the predicted class names, comma separated, as
-caption files are) or `photo.json` (every head's probabilities, prediction and
-score). An existing sidecar is never replaced unless asked; the image itself is
-never touched.
+`photo.jpg` gets `photo.txt` (the tags, comma separated, as caption files are: a
+binary head's name when its positive bucket wins, a multi-class head's bucket;
+heads.tags) or `photo.json` (every head's probabilities, prediction and score).
+An existing sidecar is never replaced unless asked; the image itself is never touched.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from headmaster import HeadmasterError
 from headmaster.embedding import Context, Skipped
-from headmaster.heads import UNCERTAIN, MultiPrediction, predict_heads, source_images, write_text_atomic
+from headmaster.heads import HeadRules, MultiPrediction, predict_heads, source_images, tag_for, write_text_atomic
 
 KINDS = ("txt", "json")
 
@@ -46,10 +46,19 @@ def sidecar_paths(images: list[Path], kind: str) -> dict[Path, Path]:
     return {p: p.with_name(f"{p.stem if stems[(p.parent, p.stem)] == 1 else p.name}.{kind}") for p in images}
 
 
-def sidecar_text(pred: MultiPrediction, kind: str, model_name: str) -> str:
+def caption(pred: MultiPrediction, rules: dict[str, HeadRules], prefix: str = "") -> str:
+    """The caption line: `prefix` (seed 003's -p), then each head's tag keyword once; 'uncertain' adds nothing."""
+    words = [w.strip() for w in prefix.split(",") if w.strip()]
+    for head, d in pred.decisions.items():
+        tag = tag_for(head, rules[head], d.bucket)
+        if tag is not None and tag.keyword not in words:
+            words.append(tag.keyword)
+    return ", ".join(words) + "\n"
+
+
+def sidecar_text(pred: MultiPrediction, kind: str, model_name: str, rules: dict[str, HeadRules]) -> str:
     if kind == "txt":
-        # a caption lists what the heads are sure of; an 'uncertain' decision adds nothing
-        return ", ".join(d.bucket for d in pred.decisions.values() if d.bucket != UNCERTAIN) + "\n"
+        return caption(pred, rules)
     doc = {
         "image": pred.path.name,
         "sha256": pred.hash,
@@ -85,7 +94,7 @@ def write_sidecars(ctx: Context, heads: list[str], src: Path, kind: str, overwri
             report.actions.append(SidecarAction(pred.path, target, "would replace" if exists else "would write"))
             continue
         try:
-            write_text_atomic(target, sidecar_text(pred, kind, multi.model.name), overwrite=overwrite)
+            write_text_atomic(target, sidecar_text(pred, kind, multi.model.name, multi.trained), overwrite=overwrite)
         except HeadmasterError:  # appeared since we looked: keep it
             report.actions.append(SidecarAction(pred.path, target, "kept"))
             continue

@@ -16,6 +16,7 @@ class EmbedOptions:
     workers: int | None = None  # None: one decode thread per core, at most 8
     progress: bool | None = None  # None: a bar only when stderr is a terminal
     backend: str | None = None  # auto, torch or onnxruntime (headmaster.embedding.backends); None: auto
+    max_pixels: int | None = None  # decoded pixels per image ([embedding] max_pixels); None: images.MAX_IMAGE_PIXELS
 
 
 @dataclass

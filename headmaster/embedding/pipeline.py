@@ -21,14 +21,15 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 from PIL import ImageOps
-from PIL import __version__ as PILLOW_VERSION
 from tqdm import tqdm
 
 from headmaster.embedding.backends import backend_embedder, device_type as planned_device_type, uses_onnx
 from headmaster.embedding.cores import CoreShare, cpu_cores
 from headmaster.embedding.heap import keep_freed_memory, release_freed_memory
-from headmaster.embedding.images import ImageError, ImageUnavailable, file_sha256, load_image
+from headmaster.embedding.images import DECODER_VERSION, ImageError, ImageUnavailable, file_sha256, load_image
 from headmaster.store import FileRecord, Model, Store
+
+PILLOW_VERSION = DECODER_VERSION  # the name hmd imports: Pillow's version and pillow-heif's and rawpy's
 
 if TYPE_CHECKING:
     from headmaster.embedding.context import Context
@@ -238,14 +239,15 @@ def hash_paths(store: Store, paths: list[Path], workers: int | None = None
     return {p: hashes[p] for p in paths if p in hashes}, skipped, len(scan.to_read)
 
 
-def _prepare(embedder: "Embedder", share: CoreShare, flip: bool = False) -> Callable[[Path], np.ndarray | ImageError]:
+def _prepare(embedder: "Embedder", share: CoreShare, flip: bool = False, max_pixels: int | None = None
+             ) -> Callable[[Path], np.ndarray | ImageError]:
     """Decode no larger than needed (JPEG DCT scaling to at least the input side), then the model's own processor."""
     side = embedder.input_side
 
     def prepare(path: Path) -> np.ndarray | ImageError:
         with share.working():
             try:
-                image = load_image(path, min_side=side)
+                image = load_image(path, min_side=side, max_pixels=max_pixels)
                 if flip:
                     image = ImageOps.mirror(image)
                 return embedder.preprocess([image])[0]
@@ -278,6 +280,7 @@ def embed_paths(
     cpu_share: str = "auto",
     flip: bool = False,
     backend: str | None = None,
+    max_pixels: int | None = None,
 ) -> EmbedResult:
     """Make sure every readable image in `paths` has a cached vector for `model`.
 
@@ -295,6 +298,7 @@ def embed_paths(
 
     `backend` ("auto", "torch", "onnxruntime"; None: "auto") picks the engine of the forward pass
     (headmaster.embedding.backends); the vectors are the same either way and cached under the same model.
+    `max_pixels` is the decompression-bomb limit on decoded pixels (None: images.MAX_IMAGE_PIXELS).
     """
     started = time.perf_counter()
     paths = list(dict.fromkeys(p if isinstance(p, Path) else Path(p) for p in paths))
@@ -372,7 +376,7 @@ def embed_paths(
                 batch.clear()
 
             depth = max(2 * batch_size, 4 * workers)
-            prepare = _prepare(embedder, gate, flip)
+            prepare = _prepare(embedder, gate, flip, max_pixels)
             decoded = ordered_map(lambda item: prepare(item[1]), itertools.chain([first], stream), workers, depth,
                                   initializer=worker_setup)
             # The forward thread needs the GIL for a moment between torch ops; with Python's default 5 ms
@@ -420,6 +424,7 @@ def embed_for(ctx: "Context", model: Model, paths: Iterable[Path], label: str = 
     """`embed_paths` with the command's options (device, batch size, workers, progress) from `ctx`."""
     o = ctx.options
     kwargs.setdefault("backend", o.backend)
+    kwargs.setdefault("max_pixels", o.max_pixels)
     return embed_paths(ctx.store, model, paths, device=o.device, batch_size=o.batch_size, workers=o.workers,
                        progress=o.progress, label=label, **kwargs)
 

@@ -9,6 +9,7 @@ arrays.py      scoring with numpy alone, and the uncertain rules every decision 
 training.py    hm train: a head's labelled images embedded and a head trained on them
 sorting.py     hm classify: decisions for files, and placing copies or moves into bucket folders
 output.py      rows out: an aligned table, CSV or JSON; status.py, what hm status shows
+tags.py        what a decision says as a tag: a binary head's name, a multi-class head's bucket (hm tag)
 export.py      hm export --format onnx: backbone and heads as one ONNX graph
 demo/          hm demo: the main job in miniature, on sample photos that ship in the package
 
@@ -27,8 +28,11 @@ _EXPORTS = {
     "Decision": "sorting",
     "FORMATS": "output",
     "HeadMLP": "mlp",
+    "HeadRules": "arrays",
     "MULTICLASS_MIN_CONFIDENCE": "arrays",
     "MultiPrediction": "sorting",
+    "TAG_ROOT": "tags",
+    "Tag": "tags",
     "TrainConfig": "base",
     "TrainReport": "training",
     "TrainedHead": "base",
@@ -36,7 +40,11 @@ _EXPORTS = {
     "binary_metrics": "base",
     "class_weights": "base",
     "classify_folder": "sorting",
+    "cut_margin": "tags",
     "decide_paths": "sorting",
+    "decide_with_cut": "tags",
+    "describe_tags": "tags",
+    "embed_for_scoring": "sorting",
     "embed_heads": "training",
     "export_onnx": "export",
     "head_fields": "checkpoint_meta",
@@ -44,8 +52,10 @@ _EXPORTS = {
     "labelled_rows": "training",
     "lay_out": "demo",
     "load_head": "checkpoint",
+    "load_heads": "sorting",
     "load_trained": "sorting",
     "multiclass_metrics": "base",
+    "positive_bucket": "tags",
     "predict_heads": "sorting",
     "prediction_rows": "sorting",
     "prepare_inputs": "base",
@@ -53,8 +63,11 @@ _EXPORTS = {
     "read_checkpoint_meta": "checkpoint_meta",
     "run_demo": "demo",
     "save_checkpoint": "checkpoint",
+    "score_vectors": "sorting",
     "source_images": "sorting",
     "stratified_split": "base",
+    "tag_for": "tags",
+    "tag_part": "tags",
     "train_head": "mlp",
     "train_one": "training",
     "train_prototypes": "prototypes",
@@ -66,7 +79,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from headmaster.heads.arrays import BINARY_MARGIN, MULTICLASS_MIN_CONFIDENCE, UNCERTAIN
+    from headmaster.heads.arrays import BINARY_MARGIN, MULTICLASS_MIN_CONFIDENCE, UNCERTAIN, HeadRules
     from headmaster.heads.base import (TrainConfig, TrainedHead, binary_metrics, class_weights, multiclass_metrics,
                                        prepare_inputs, stratified_split, training_split)
     from headmaster.heads.checkpoint import head_from_checkpoint, load_head, read_checkpoint, save_checkpoint
@@ -76,8 +89,11 @@ if TYPE_CHECKING:
     from headmaster.heads.mlp import HeadMLP, train_head
     from headmaster.heads.output import FORMATS, write_rows, write_text_atomic
     from headmaster.heads.prototypes import train_prototypes
-    from headmaster.heads.sorting import (Decision, MultiPrediction, classify_folder, decide_paths, load_trained,
-                                          predict_heads, prediction_rows, source_images)
+    from headmaster.heads.sorting import (Decision, MultiPrediction, classify_folder, decide_paths, embed_for_scoring,
+                                          load_heads, load_trained, predict_heads, prediction_rows, score_vectors,
+                                          source_images)
+    from headmaster.heads.tags import (TAG_ROOT, Tag, cut_margin, decide_with_cut, describe_tags, positive_bucket,
+                                       tag_for, tag_part)
     from headmaster.heads.training import TrainReport, embed_heads, labelled_rows, train_one
 
 

@@ -180,6 +180,7 @@ class MultiReport:
     predictions: list[MultiPrediction] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     embed: EmbedResult | None = None
+    trained: dict[str, ArrayHead] = field(default_factory=dict)  # head -> what scored it (its rules: tags.tag_for)
 
 
 def load_heads(ctx: Context, heads: list[str]) -> tuple[list[tuple[str, ArrayHead]], Model]:
@@ -197,7 +198,7 @@ def predict_heads(ctx: Context, heads: list[str], paths: list[Path], tta: bool =
     """Embed each image once and score it with every head; copies and moves nothing."""
     trained, model = load_heads(ctx, heads)
     vectors, result = embed_for_scoring(ctx, model, paths, f"Classifying {', '.join(heads)}", tta)
-    report = MultiReport(heads, model, skipped=result.skipped, embed=result)
+    report = MultiReport(heads, model, skipped=result.skipped, embed=result, trained=dict(trained))
     per_head = {h: {d.path: d for d in score_vectors(t, paths, vectors, result.hashes)} for h, t in trained}
     for p in paths:
         if p in vectors:

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from headmaster import HeadmasterError
+from headmaster.heads.arrays import HeadRules
+from headmaster.heads.tags import describe_tags
 from headmaster.workspace import LabelledSet, Workspace
 
 
@@ -116,6 +118,7 @@ def format_status_detail(s: HeadStatus, heads_dir: Path) -> str:
             for c, v in per_class.items():
                 lines.append(f"  {c:<{w}}  {v['precision']:>9.2f}  {v['recall']:>6.2f}  {v['f1']:>4.2f}")
     if ck:
+        lines.append(describe_tags(s.name, HeadRules(ck)))
         added, removed = s.changes_since_training(heads_dir)
         if added or removed:
             lines.append(f"Changed since training: +{added} / -{removed} images (run `hm train --head {s.name}`)")

@@ -1,8 +1,9 @@
 """Thumbnails: small JPEGs made once per image content and kept on disk by content hash.
 
-JPEGs are decoded at reduced size (Pillow's `draft` asks libjpeg for a 1/2..1/8 scale DCT),
-which is most of the speed on camera photos; EXIF orientation is applied so a portrait
-photo stands upright. A thumbnail is written through a temp file and renamed, so a
+Images are read by the embedding wing's load_image, so every format headmaster reads has a
+thumbnail (HEIC, AVIF, RAW through its preview); JPEGs are decoded at reduced size (Pillow's
+`draft` asks libjpeg for a 1/2..1/8 scale DCT), which is most of the speed on camera photos;
+EXIF orientation is applied so a portrait photo stands upright. A thumbnail is written through a temp file and renamed, so a
 half-written one is never served.
 """
 
@@ -13,7 +14,9 @@ import os
 import uuid
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
+
+from headmaster.embedding import ImageError, load_image
 
 SIZE = 320  # longest side, in pixels: sharp at 160 CSS pixels on a 2x screen
 QUALITY = 82
@@ -31,26 +34,13 @@ def thumbnail_path(cache: Path, hash_: str, size: int = SIZE) -> Path:
 def make_thumbnail(source: Path, size: int = SIZE) -> bytes:
     """A JPEG of `source` whose longest side is at most `size`, upright."""
     try:
-        with Image.open(source) as im:
-            if im.format == "JPEG":
-                im.draft("RGB", (size, size))  # decode at the smallest DCT scale still >= size
-            im = ImageOps.exif_transpose(im)
-            im.thumbnail((size, size), Image.Resampling.LANCZOS)
-            if im.mode not in ("RGB", "L"):
-                im = _flatten(im)
-            out = io.BytesIO()
-            im.save(out, "JPEG", quality=QUALITY, optimize=True)
-            return out.getvalue()
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+        im = load_image(source, min_side=size)  # RGB, upright, JPEGs decoded at the smallest DCT scale >= size
+    except ImageError as e:
         raise ThumbnailError(f"cannot make a thumbnail of {source.name}: {e}") from None
-
-
-def _flatten(im: Image.Image) -> Image.Image:
-    """Transparent or palette images on white (JPEG has no alpha)."""
-    im = im.convert("RGBA")
-    background = Image.new("RGB", im.size, (255, 255, 255))
-    background.paste(im, mask=im.getchannel("A"))
-    return background
+    im.thumbnail((size, size), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    im.save(out, "JPEG", quality=QUALITY, optimize=True)
+    return out.getvalue()
 
 
 def cached_thumbnail(cache: Path, hash_: str, source: Path, size: int = SIZE) -> Path:
