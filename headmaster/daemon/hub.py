@@ -61,7 +61,8 @@ class Hub:
         self.notifier = sdnotify.SystemdNotifier()
         self.store: Store | None = None  # the supervisor's own connection; None while headmaster.db is unusable
         self.worker = WorkerClient({"workspace": str(self.ws.root), "device": config.daemon.device,
-                                    "backend": config.embedding.backend},
+                                    "backend": config.embedding.backend,
+                                    "max_pixels": config.embedding.max_pixels},
                                    config.daemon.model_idle_seconds)
         self.stopping = threading.Event()
         self.told: set[str] = set()  # messages logged once until the situation changes

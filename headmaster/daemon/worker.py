@@ -229,8 +229,9 @@ def answer(worker: Worker | None, setup_error: str | None, message: dict[str, An
 def serve(sock: socket.socket, setup: dict[str, Any]) -> None:
     worker, setup_error = None, None
     try:
-        worker = Worker(Context.open(setup["workspace"], EmbedOptions(device=setup.get("device") or None,
-                                                                      progress=False, backend=setup.get("backend"))))
+        options = EmbedOptions(device=setup.get("device") or None, progress=False, backend=setup.get("backend"),
+                               max_pixels=setup.get("max_pixels"))  # [embedding] max_pixels: the bomb limit
+        worker = Worker(Context.open(setup["workspace"], options))
     except HeadmasterError as e:
         setup_error = str(e)  # every request gets this answer; the supervisor reports it
     while True:
@@ -249,7 +250,7 @@ def serve(sock: socket.socket, setup: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="headmaster.daemon.worker", description=__doc__.splitlines()[0])
     parser.add_argument("--fd", type=int, required=True, help="the inherited socket to serve")
-    parser.add_argument("--setup", required=True, help="JSON: workspace, device, backend")
+    parser.add_argument("--setup", required=True, help="JSON: workspace, device, backend, max_pixels")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C at hmd's terminal is the supervisor's to handle
     try:  # under memory pressure the kernel should pick the worker, which hmd survives, not the supervisor

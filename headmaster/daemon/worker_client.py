@@ -67,7 +67,7 @@ def describe_exit(returncode: int | None) -> str:
 
 class WorkerClient:
     def __init__(self, setup: dict[str, Any], idle_seconds: float):
-        self.setup = setup  # JSON for the worker: workspace, device, backend
+        self.setup = setup  # JSON for the worker: workspace, device, backend, max_pixels
         self.idle_seconds = idle_seconds
         self._lock = threading.Lock()  # one call at a time
         self._proc: subprocess.Popen | None = None
