@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "Learned": "learning",
     "NOT_LABELS": "learning",
+    "check_bucket_name": "learning",
     "confirmable": "learning",
     "correction_counts": "learning",
     "corrections_log": "learning",
@@ -39,8 +40,9 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from headmaster.curation.labels import import_labels, read_label_csv
-    from headmaster.curation.learning import (NOT_LABELS, Learned, confirmable, correction_counts, corrections_log,
-                                              ensure_schema, is_correction, learn, rank_uncertain, unlearn)
+    from headmaster.curation.learning import (NOT_LABELS, Learned, check_bucket_name, confirmable, correction_counts,
+                                              corrections_log, ensure_schema, is_correction, learn, rank_uncertain,
+                                              unlearn)
     from headmaster.curation.ranking import find_suspects, rank_folder, rank_rows, suspect_rows
     from headmaster.curation.sidecars import write_sidecars
 

@@ -27,6 +27,7 @@ _EXPORTS = {
     "Decision": "sorting",
     "FORMATS": "output",
     "HeadMLP": "mlp",
+    "HeadRules": "arrays",
     "MULTICLASS_MIN_CONFIDENCE": "arrays",
     "MultiPrediction": "sorting",
     "TrainConfig": "base",
@@ -66,7 +67,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from headmaster.heads.arrays import BINARY_MARGIN, MULTICLASS_MIN_CONFIDENCE, UNCERTAIN
+    from headmaster.heads.arrays import BINARY_MARGIN, MULTICLASS_MIN_CONFIDENCE, UNCERTAIN, HeadRules
     from headmaster.heads.base import (TrainConfig, TrainedHead, binary_metrics, class_weights, multiclass_metrics,
                                        prepare_inputs, stratified_split, training_split)
     from headmaster.heads.checkpoint import head_from_checkpoint, load_head, read_checkpoint, save_checkpoint
