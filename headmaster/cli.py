@@ -1008,6 +1008,13 @@ def doctor(obj, rebuild_cache, config_path, device, batch_size, workers) -> None
         if report.lost_models:
             _warn(f"the model registry could not be read from the damaged file ({report.lost_models}); "
                   f"register your model again with `hm model-add`, then run `hm embed`")
+        carried = []
+        for table, s in report.history.items():
+            lost = "an unknown number lost" if s.lost is None else f"{s.lost} lost"
+            carried.append(f"{len(s.rows)} {table} row(s) recovered, {lost}")
+            if s.lost != 0:
+                _warn(f"{table}: some rows could not be read from the damaged file ({s.error})")
+        click.echo(f"History carried over from the damaged file: {'; '.join(carried)}")
         click.echo(f"New database {shown_path(ws.db_path, ws.root)}: {len(report.models)} model(s) registered, "
                    f"{report.embedded} image(s) embedded")
         database_ok = True

@@ -157,11 +157,23 @@ def test_a_label_moves_the_file_teaches_the_head_and_undo_reverts_both(client, g
     assert post(client, guard, "/api/undo").json() == {"action": None}
 
 
-def test_suspects_move_to_another_bucket_or_out_of_training_and_back(client, guard, site):
-    items = client.get("/heads/colour/suspects.json?limit=5").json()["items"]
-    assert len(items) == 5 and all(i["where"] == "example" for i in items)
+def test_suspects_are_only_the_examples_in_doubt_and_move_or_leave_training_and_back(client, guard, site):
+    clean = client.get("/heads/colour/suspects.json").json()
+    assert clean["items"] == [] and clean["total"] == 0  # nothing wrong: no confident example posing as a suspect
+    assert "No suspects" in client.get("/heads/colour/suspects").text
+    # two mislabelled examples (issue: the tab used to fill up to 20 with the head's most confident images);
+    # the page's suspects follow the checkpoint, so the head is trained again, as hmd would after the change
+    planted = [*fill_bucket(site / "heads" / "colour" / "red", "blue", 1, 800),
+               *fill_bucket(site / "heads" / "colour" / "blue", "red", 1, 810)]
+    with Context.open(str(site), EmbedOptions(device="cpu", progress=False)) as c:
+        train_one(c, "colour", TrainConfig(epochs=10))
+    data = client.get("/heads/colour/suspects.json").json()
+    items = data["items"]
+    assert {i["name"] for i in items} == {p.name for p in planted} and data["total"] == 2
+    assert all(i["where"] == "example" and i["guess"] != i["bucket"] for i in items)  # each prefers the other
     probs = [i["score"] for i in items]
     assert probs == sorted(probs)  # the worst fit first
+    assert "2</b> suspects" in client.get("/heads/colour/suspects").text
     first, second = items[0], items[1]
     other = "blue" if first["bucket"] == "red" else "red"
     before = {p.name for p in (site / "heads" / "colour").rglob("*.png")}
@@ -173,7 +185,7 @@ def test_suspects_move_to_another_bucket_or_out_of_training_and_back(client, gua
     excluded = site / "heads" / "colour" / EXCLUDED / second["name"]
     assert excluded.is_file() and not (site / "heads" / "colour" / second["bucket"] / second["name"]).exists()
     labelled = Workspace(site).head("colour")
-    assert labelled.classes == ["blue", "red"] and labelled.image_count == 47  # _excluded/ is not a bucket
+    assert labelled.classes == ["blue", "red"] and labelled.image_count == 49  # _excluded/ is not a bucket
     shown = {i["id"] for i in client.get("/heads/colour/suspects.json").json()["items"]}
     assert first["id"] not in shown and second["id"] not in shown
     assert post(client, guard, "/api/undo").json()["action"]["kind"] == "exclude"
@@ -181,6 +193,125 @@ def test_suspects_move_to_another_bucket_or_out_of_training_and_back(client, gua
     assert {p.name for p in (site / "heads" / "colour").rglob("*.png")} == before
     assert (site / "heads" / "colour" / first["bucket"] / first["name"]).is_file() and not excluded.exists()
     assert "exclude" in client.get("/heads/colour/suspects").text
+
+
+def test_a_new_bucket_takes_the_image_as_its_first_example_and_undo_takes_the_bucket_away(client, guard, site):
+    item = client.get("/heads/colour.json").json()["items"][0]
+    uncertain = site / "classified" / "colour" / "uncertain" / item["name"]
+    for bad in ("_hidden", "../up", "a/b", "uncertain", " ", "red"):
+        r = post(client, guard, "/api/new-bucket", {"head": "colour", "id": item["id"], "name": bad})
+        assert r.status_code == 409 and len(r.json()["error"].splitlines()) == 1, bad
+    assert "bucket name is one folder name" in post(client, guard, "/api/new-bucket",
+                                                     {"head": "colour", "id": item["id"], "name": "_x"}).json()["error"]
+    assert "already has" in post(client, guard, "/api/new-bucket",
+                                 {"head": "colour", "id": item["id"], "name": "red"}).json()["error"]
+    assert sorted(p.name for p in (site / "heads" / "colour").iterdir()) == [EXCLUDED, "blue", "red"]
+    r = post(client, guard, "/api/new-bucket", {"head": "colour", "id": item["id"], "name": "yellow"})
+    assert r.status_code == 200, r.text
+    action = r.json()["action"]
+    assert action["kind"] == "label" and action["created"] and action["learned"] == "added"
+    assert "add 19 more examples (20 recommended)" in action["note"]
+    example = site / "heads" / "colour" / "yellow" / f"{item['id']}.png"
+    assert example.is_file() and (site / "classified" / "colour" / "yellow" / item["name"]).is_file()
+    assert not uncertain.exists() and corrections(site)[-1] == ("correction", "yellow", str(example))
+    assert client.get("/index.json").json()["heads"]["colour"]["buckets"]["yellow"] == 1
+    assert client.get("/heads/colour.json").json()["buckets"] == ["blue", "red", "yellow"]
+    assert 'data-key="3" data-bucket="yellow"' in client.get("/heads/colour").text
+    undone = post(client, guard, "/api/undo").json()["action"]
+    assert undone["id"] == item["id"] and undone["created"]
+    assert uncertain.is_file() and not (site / "heads" / "colour" / "yellow").exists()
+    assert not (site / "classified" / "colour" / "yellow").exists() and corrections(site)[-1][0] == "unlearned"
+    assert client.get("/heads/colour.json").json()["buckets"] == ["blue", "red"]
+
+
+def test_the_cards_are_plain_forms_that_work_without_the_script(client, guard, site):
+    item = client.get("/heads/colour.json").json()["items"][0]
+    page = client.get("/heads/colour").text
+    assert f'<input type="hidden" name="csrf" value="{guard.csrf}">' in page
+    assert 'action="/api/new-bucket"' in page and 'formaction="/api/skip"' in page
+    form = {"head": "colour", "id": item["id"], "view": "queue", "name": "green stuff"}
+    assert client.post("/api/new-bucket", data=form).status_code == 403  # no token
+    assert client.post("/api/new-bucket", data={**form, "csrf": "guess"}).status_code == 403
+    r = client.post("/api/new-bucket", data={**form, "csrf": guard.csrf}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].startswith("/heads/colour?notice=")
+    assert (site / "heads" / "colour" / "green stuff" / f"{item['id']}.png").is_file()
+    shown = client.get(r.headers["location"]).text
+    assert "new bucket &#39;green stuff&#39;" in shown and "add 19 more examples" in shown
+    r = client.post("/api/undo", data={"csrf": guard.csrf, "head": "colour", "view": "queue"}, follow_redirects=False)
+    assert r.status_code == 303 and not (site / "heads" / "colour" / "green stuff").exists()
+    r = client.post("/api/new-bucket", data={**form, "name": "_no", "csrf": guard.csrf}, follow_redirects=False)
+    assert r.status_code == 303 and "error=" in r.headers["location"]
+    assert "bucket name is one folder name" in client.get(r.headers["location"]).text
+    assert (site / "classified" / "colour" / "uncertain" / item["name"]).is_file()
+
+
+def test_skip_leaves_the_image_where_it_is_and_undo_shows_it_again(client, guard, site):
+    item = client.get("/heads/colour.json").json()["items"][0]
+    before = sorted(p.relative_to(site) for p in site.rglob("*.png"))
+    r = post(client, guard, "/api/skip", {"head": "colour", "id": item["id"]})
+    assert r.status_code == 200 and r.json()["action"]["kind"] == "skip"
+    assert item["id"] not in {i["id"] for i in client.get("/heads/colour.json").json()["items"]}
+    assert sorted(p.relative_to(site) for p in site.rglob("*.png")) == before  # nothing moved
+    out = post(client, guard, "/api/undo").json()
+    assert out["action"]["kind"] == "skip" and item["id"] in out["card"]
+    assert client.get("/heads/colour.json").json()["items"][0]["id"] == item["id"]
+
+
+def test_a_worker_that_fails_to_rank_is_an_error_on_the_page_not_an_empty_queue(site, guard):
+    def failing(op: str, **args):
+        raise HeadmasterError(f"the model worker stopped while answering {op}")
+
+    service = ReviewService(Workspace(site), failing)
+    try:
+        with TestClient(create_app(service, guard), base_url=ORIGIN) as c:
+            page = c.get("/heads/colour")
+            assert page.status_code == 200
+            error = re.search(r'<p class="warning error" id="error">(.*?)</p>', page.text, re.S).group(1)
+            assert "the model worker stopped while answering rank_uncertain" in error
+            assert '<a class="retry" href="/heads/colour">Retry</a>' in error and "\n" not in error
+            assert re.search(r'id="empty"\s+hidden', page.text)  # not "Nothing to review"
+            r = c.get("/heads/colour.json")
+            assert r.status_code == 409 and "rank_uncertain" in r.json()["error"]
+    finally:
+        service.close()
+
+
+def test_the_status_poll_checks_for_leaks_only_when_a_head_changes(tmp_path):
+    ws = tmp_path / "ws"
+    fill_bucket(ws / "heads" / "h" / "a", "red", 2, 0)
+    fill_bucket(ws / "heads" / "h" / "b", "blue", 2, 10)
+    fill_bucket(ws / "heads" / "g" / "a", "red", 2, 20)
+    fill_bucket(ws / "heads" / "g" / "b", "blue", 2, 30)
+
+    def no_model(op: str, **args):
+        raise HeadmasterError("no model here")
+
+    service = ReviewService(Workspace(ws), no_model)
+    try:
+        service.status()
+        assert service.leak_checks == 2  # one per head
+        service.status()
+        assert service.leak_checks == 2  # nothing changed: the stored result
+        fill_bucket(ws / "heads" / "h" / "a", "red", 1, 40)
+        assert service.status()["heads"]["h"]["buckets"]["a"] == 3
+        assert service.leak_checks == 3  # only the head that changed
+        fill_bucket(ws / "test" / "g" / "a", "red", 1, 50)
+        service.status()
+        assert service.leak_checks == 4  # a test set's change counts too (test/train leaks)
+    finally:
+        service.close()
+
+
+def test_the_doubt_rule_is_the_heads_own_cut():
+    from headmaster.heads import HeadRules
+
+    binary = HeadRules({"type": "binary", "classes": ["neg", "pos"], "threshold": 0.3})
+    assert not binary.doubts("pos", 0.5, "pos") and binary.doubts("pos", 0.35, "pos")  # within the margin
+    assert binary.doubts("pos", 0.45, "neg")  # another bucket preferred
+    assert not binary.doubts("neg", 0.85, "neg") and binary.doubts("neg", 0.75, "neg")  # p(pos) 0.25: uncertain
+    multi = HeadRules({"type": "multiclass", "classes": ["a", "b", "c"], "min_confidence": 0.6})
+    assert not multi.doubts("a", 0.7, "a") and multi.doubts("a", 0.55, "a") and multi.doubts("a", 0.9, "b")
+    assert HeadRules({"type": "multiclass", "classes": ["a", "b", "c"]}).doubts("a", 0.45, "a")  # default 0.5
 
 
 def test_head_details_show_metrics_and_the_evaluation_once_computed(client, guard, site):

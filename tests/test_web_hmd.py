@@ -146,3 +146,110 @@ def test_label_three_with_the_keyboard_undo_one_and_the_head_learns(hmd, browser
     if maps.exists():  # the page ranked, labelled and taught; the model work ran in the worker, not here
         assert "torch" not in maps.read_text()
         assert hmd.status()["worker"]["starts"] >= 1
+
+
+FIELDS = ".head-top h2, .head-top .tag, .buckets li, .facts dt, .facts dd, .actions .button, .head-card > .warning"
+WIDTHS = (375, 768, 1360)  # a phone, a tablet, a desktop
+
+
+def set_width(driver, width: int) -> None:
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": width < 600})
+
+
+def layout(driver, card: str, fields: str) -> dict:
+    """The bounding boxes of each card's fields, the card's own box, and whether the page scrolls sideways."""
+    return driver.execute_script("""
+        const [cardSel, fieldSel] = arguments;
+        const box = el => {  // the element's box and its text's, which overflows a box that is too narrow
+          const r = el.getBoundingClientRect(), range = document.createRange();
+          range.selectNodeContents(el);
+          const t = range.getBoundingClientRect();
+          if (!t.width) return [r.left, r.top, r.right, r.bottom];
+          return [Math.min(r.left, t.left), Math.min(r.top, t.top), Math.max(r.right, t.right), Math.max(r.bottom, t.bottom)];
+        };
+        return {scroll: document.documentElement.scrollWidth - document.documentElement.clientWidth,
+                cards: Array.from(document.querySelectorAll(cardSel)).map(c => ({box: box(c),
+                  fields: Array.from(c.querySelectorAll(fieldSel)).map(f => ({text: f.innerText.trim().replace(/\\s+/g, " "),
+                                                                           box: box(f)}))}))};
+    """, card, fields)
+
+
+def collisions(measured: dict) -> list[str]:
+    """Every pair of fields whose boxes overlap, and every field that sticks out of its card."""
+    out = []
+    for card in measured["cards"]:
+        cl, ct, cr, cb = card["box"]
+        fields = card["fields"]
+        for i, a in enumerate(fields):
+            al, at, ar, ab = a["box"]
+            if al < cl - 0.5 or ar > cr + 0.5:
+                out.append(f"{a['text']!r} sticks out of its card ({al:.0f}-{ar:.0f} vs {cl:.0f}-{cr:.0f})")
+            for b in fields[i + 1:]:
+                bl, bt, br, bb = b["box"]
+                if min(ar, br) - max(al, bl) > 0.5 and min(ab, bb) - max(at, bt) > 0.5:
+                    out.append(f"{a['text']!r} overlaps {b['text']!r}")
+    return out
+
+
+@needs_browser
+def test_the_overview_cards_and_the_queue_lay_out_without_overlap_from_phone_to_desktop(hmd, browser):
+    url = hmd.status()["web"]["url"]
+    try:
+        for width in WIDTHS:
+            set_width(browser, width)
+            browser.get(url)
+            measured = layout(browser, ".head-card", FIELDS)
+            assert measured["cards"] and len(measured["cards"][0]["fields"]) >= 8, measured
+            texts = [f["text"] for f in measured["cards"][0]["fields"]]
+            assert any(t.startswith("20") and ":" in t for t in texts), texts  # the date that ran into the accuracy
+            assert collisions(measured) == [], (width, measured)
+            assert measured["scroll"] <= 0, f"the overview scrolls sideways at {width} px"
+            browser.get(url + "heads/colour")
+            queue = layout(browser, ".card", ".name, .guess, .choices button, .new-bucket input[type=text], .new-bucket button")
+            assert collisions(queue) == [], (width, queue)
+            assert queue["scroll"] <= 0, f"the queue scrolls sideways at {width} px"
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+@needs_browser
+def test_skip_and_a_new_bucket_from_the_keyboard_and_undo_takes_the_bucket_away(hmd, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    ws = hmd.ws
+    uncertain = ws / "classified" / "colour" / "uncertain"
+    uncertain.mkdir(parents=True, exist_ok=True)
+    for i in range(2):
+        Image.fromarray(np.full((40, 48, 3), (160, 40 + 20 * i, 200), np.uint8)).save(uncertain / f"violet_{i}.png")
+    url = hmd.status()["web"]["url"]
+    browser.get(url + "heads/colour")
+    wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, ".card")) >= 2, 30, "the cards", hmd)
+    toast = lambda: browser.find_element(By.ID, "toast").get_attribute("textContent")  # noqa: E731
+    cards = browser.find_elements(By.CSS_SELECTOR, ".card")
+    skipped, made = (c.find_element(By.CSS_SELECTOR, ".name").text for c in cards[:2])
+    left = int(browser.find_element(By.ID, "left").text)
+    body = browser.find_element(By.TAG_NAME, "body")
+    body.send_keys("s")
+    wait_for(lambda: toast().startswith("skipped"), 10, "the skip", hmd)
+    assert browser.find_element(By.ID, "left").text == str(left - 1) and (uncertain / skipped).is_file()
+
+    body.send_keys("n")
+    active = browser.switch_to.active_element
+    assert active.get_attribute("name") == "name"  # n: the focused card's new-bucket field
+    active.send_keys("violet", Keys.ENTER)
+    folder = ws / "heads" / "colour" / "violet"
+    wait_for(lambda: folder.is_dir() and len(list(folder.iterdir())) == 1, 30, "the new bucket", hmd)
+    assert (ws / "classified" / "colour" / "violet" / made).is_file() and not (uncertain / made).exists()
+    wait_for(lambda: "add 19 more examples" in toast(), 10, "the note on what the bucket needs", hmd)
+    assert browser.find_element(By.CSS_SELECTOR, '#legend [data-key="3"]').get_attribute("data-bucket") == "violet"
+    assert (uncertain / skipped).is_file()  # skip moved nothing
+
+    body.send_keys("u")
+    wait_for(lambda: not folder.exists() and (uncertain / made).is_file(), 30, "the undo", hmd)
+    wait_for(lambda: not browser.find_elements(By.CSS_SELECTOR, '[data-bucket="violet"]'), 10,
+             "the bucket to leave the page", hmd)
+    h = wait_for(lambda: (h := hmd.head()) and not h["training"] and not h["pending_retrain"] and h, 60,
+                 "the head to settle", hmd)
+    assert set(h["buckets"]) == {"blue", "red"}

@@ -21,6 +21,7 @@ _EXPORTS = {
     "Learned": "learning",
     "NOT_LABELS": "learning",
     "TagOptions": "tagging",
+    "check_bucket_name": "learning",
     "confirmable": "learning",
     "correction_counts": "learning",
     "corrections_log": "learning",
@@ -46,8 +47,9 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from headmaster.curation.labels import import_labels, read_label_csv
-    from headmaster.curation.learning import (NOT_LABELS, Learned, confirmable, correction_counts, corrections_log,
-                                              ensure_schema, is_correction, learn, rank_uncertain, unlearn)
+    from headmaster.curation.learning import (NOT_LABELS, Learned, check_bucket_name, confirmable, correction_counts,
+                                              corrections_log, ensure_schema, is_correction, learn, rank_uncertain,
+                                              unlearn)
     from headmaster.curation.ranking import find_suspects, rank_folder, rank_rows, suspect_rows
     from headmaster.curation.sidecars import write_sidecars
     from headmaster.curation.tagging import TagOptions, near_cut_rows, nearest_the_cut, tag_images, tag_library

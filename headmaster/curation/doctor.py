@@ -5,9 +5,12 @@ Checking reads only: the database is opened read-only, checkpoints are loaded th
 
 `rebuild_cache` (`hm doctor --rebuild-cache`) acts only on a damaged database: it is
 renamed aside (`headmaster.db.damaged-<time>`, with its -wal/-shm files), a new one is
-created, the model registry is copied over from the damaged file as far as it can
-still be read, and every labelled image under heads/ is embedded again with the active
-model. The images themselves are never touched; the damaged file is kept for the user.
+created, and every row of the user's history that SQLite can still read is carried
+over from the damaged file (the model registry, the sort log, the corrections: `HISTORY`,
+reported as recovered and lost per table); every labelled image under heads/ is then
+embedded again with the active model. Vectors and the file index are not carried over: a
+damaged page can hold wrong bytes SQLite does not notice, and both are rebuilt from the
+images. The images themselves are never touched; the damaged file is kept for the user.
 Stop hmd first (it holds the database open): `hm doctor --rebuild-cache` refuses while
 hmd's lock on the workspace is held.
 """
@@ -30,6 +33,12 @@ if TYPE_CHECKING:
     from headmaster.embedding import EmbedOptions
 
 DB_SIDE_FILES = ("-wal", "-shm")
+# the user's history, carried over from a damaged database row by row: table -> its columns but the id
+HISTORY = {
+    "sorts": ("at", "head", "source", "destination", "hash", "bucket", "score"),
+    "corrections": ("at", "head", "hash", "bucket", "source", "example", "kind"),
+}
+SALVAGE_CHUNK = 1000  # rows read at once; around a damaged page, one at a time
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,22 @@ class RebuildReport:
     lost_models: str | None = None  # why the registry could not be copied
     embedded: int = 0
     heads: list[str] = field(default_factory=list)
+    history: dict[str, "Salvaged"] = field(default_factory=dict)  # table -> what came across (HISTORY)
+
+
+@dataclass
+class Salvaged:
+    """What could be read of one table of a damaged database."""
+
+    rows: list[tuple] = field(default_factory=list)
+    total: int | None = None  # count(*) when SQLite could still count them
+    error: str | None = None  # the first read error met, if any
+
+    @property
+    def lost(self) -> int | None:
+        if self.total is not None:
+            return max(0, self.total - len(self.rows))
+        return None if self.error else 0
 
 
 def check_database(ws: Workspace) -> Finding:
@@ -131,6 +156,73 @@ def _read_models(path: Path) -> list[tuple[str, str, int, bool]]:
         conn.close()
 
 
+def salvage_table(conn: sqlite3.Connection, table: str, columns: tuple[str, ...]) -> Salvaged:
+    """Every row of `table` that SQLite can still read, in rowid order, skipping damaged pages.
+
+    Rows are read in chunks; a chunk that fails is read again one row at a time, so one bad
+    page loses only the rows on it. Never raises for a damaged file.
+    """
+    out = Salvaged()
+    cols = ", ".join(columns)
+    try:
+        out.total = int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+    except sqlite3.DatabaseError as e:
+        out.error = str(e)
+    try:
+        top = conn.execute(f"SELECT max(rowid) FROM {table}").fetchone()[0]
+    except sqlite3.DatabaseError as e:
+        out.error, top = out.error or str(e), None
+    last = 0
+    while True:
+        try:
+            chunk = conn.execute(f"SELECT rowid, {cols} FROM {table} WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                                 (last, SALVAGE_CHUNK)).fetchall()
+        except sqlite3.DatabaseError as e:
+            out.error = out.error or str(e)
+            if top is None or last >= top:
+                break
+            end = min(last + SALVAGE_CHUNK, top)
+            for rowid in range(last + 1, end + 1):  # around the damage: one row at a time
+                try:
+                    row = conn.execute(f"SELECT {cols} FROM {table} WHERE rowid = ?", (rowid,)).fetchone()
+                except sqlite3.DatabaseError:
+                    continue
+                if row is not None:
+                    out.rows.append(tuple(row))
+            last = end
+            continue
+        if not chunk:
+            break
+        out.rows.extend(tuple(r[1:]) for r in chunk)
+        last = chunk[-1][0]
+    return out
+
+
+def _salvage_history(path: Path) -> dict[str, Salvaged]:
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.DatabaseError as e:
+        return {t: Salvaged(error=str(e)) for t in HISTORY}
+    try:
+        found = {}
+        for table, columns in HISTORY.items():
+            try:
+                conn.execute(f"SELECT {', '.join(columns)} FROM {table} LIMIT 0")
+            except sqlite3.OperationalError as e:
+                if "no such table" in str(e):
+                    found[table] = Salvaged(total=0)  # an older database without it: nothing to lose
+                    continue
+                found[table] = Salvaged(error=str(e))
+                continue
+            except sqlite3.DatabaseError as e:
+                found[table] = Salvaged(error=str(e))
+                continue
+            found[table] = salvage_table(conn, table, columns)
+        return found
+    finally:
+        conn.close()
+
+
 def rebuild_cache(ws: Workspace, embed: bool = True, options: "EmbedOptions | None" = None) -> RebuildReport:
     """Set a damaged database aside and build a new one (registry copied where readable, vectors re-embedded)."""
     finding = check_database(ws)
@@ -144,6 +236,7 @@ def rebuild_cache(ws: Workspace, embed: bool = True, options: "EmbedOptions | No
         rows = _read_models(ws.db_path)
     except sqlite3.DatabaseError as e:
         rows, report.lost_models = [], str(e)
+    report.history = _salvage_history(ws.db_path)
     for suffix in ("", *DB_SIDE_FILES):
         src = Path(f"{ws.db_path}{suffix}")
         if src.exists():
@@ -157,6 +250,14 @@ def rebuild_cache(ws: Workspace, embed: bool = True, options: "EmbedOptions | No
             if active:
                 store.activate_model(name)
         report.models = store.models()
+        from headmaster.curation.learning import ensure_schema
+
+        ensure_schema(store)  # the corrections table
+        with store.conn:
+            for table, salvaged in report.history.items():
+                columns = HISTORY[table]
+                store.conn.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+                                       f"({', '.join('?' * len(columns))})", salvaged.rows)
     if embed and report.models and ws.head_names():
         from headmaster.embedding import Context, EmbedOptions
         from headmaster.heads import embed_heads

@@ -21,11 +21,24 @@ from headmaster import HeadmasterError
 from headmaster.embedding import Context, file_sha256, hash_paths
 from headmaster.fileops import copy_into, fsync_dir, move_into
 from headmaster.store import FileRecord, Store
-from headmaster.workspace import Workspace, list_images
+from headmaster.workspace import NOT_BUCKET_PREFIXES, Workspace, list_images
 
 # hmd's supervisor imports this module and must not import torch: heads and sorting are imported where used
 UNCERTAIN = "uncertain"  # heads.UNCERTAIN
 NOT_LABELS = frozenset({UNCERTAIN, "_rejected"})  # folders in classified/<head>/ that teach nothing
+MAX_BUCKET_NAME = 100  # characters; a folder name, and a label on the page
+
+
+def check_bucket_name(name: str) -> str:
+    """`name` (stripped) if it can name a new bucket folder heads/<head>/<name>/; else one HeadmasterError saying
+    the rules: a single folder name, not starting with '.' or '_' (those folders are not buckets), not 'uncertain'."""
+    name = name.strip()
+    rules = (f"a bucket name is one folder name of at most {MAX_BUCKET_NAME} characters, without / \\ : * ? \" < > |, "
+             f"not starting with '.' or '_' and not '{UNCERTAIN}'")
+    if not name or len(name) > MAX_BUCKET_NAME or name.startswith(NOT_BUCKET_PREFIXES) or name in NOT_LABELS \
+            or any(c in name for c in '/\\:*?"<>|') or not name.isprintable():
+        raise HeadmasterError(f"cannot make a bucket {name[:MAX_BUCKET_NAME]!r}: {rules}")
+    return name
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS corrections (

@@ -89,6 +89,18 @@ class HeadRules:
                 out.append((UNCERTAIN if conf < self.min_confidence else self.classes[i], conf))
         return out
 
+    def doubts(self, bucket: str, p_bucket: float, preferred: str) -> bool:
+        """Whether scores that put `p_bucket` on an image's own bucket (and like `preferred` best) cast doubt on
+        its label: another bucket is preferred, or these rules would not sort it into its own bucket (the
+        binary threshold with its margin, the multi-class confidence cut)."""
+        if preferred != bucket:
+            return True
+        if self.type == "binary" and bucket in self.classes[:2]:
+            p1 = p_bucket if bucket == self.classes[1] else 1.0 - p_bucket
+            t = self.threshold if self.threshold is not None else 0.5
+            return abs(p1 - t) <= BINARY_MARGIN or self.classes[int(p1 >= t)] != bucket
+        return p_bucket < self.min_confidence
+
     def predict_labels(self, probs: np.ndarray) -> np.ndarray:
         """Hard class indices (no uncertain bucket): the threshold for binary, argmax otherwise."""
         if self.type == "binary":

@@ -123,7 +123,8 @@ class CheckpointCache:
             meta = ck.get("metadata", {})
             summary = {"type": ck["type"], "kind": ck.get("kind", "mlp"), "model": ck["model"],
                        "classes": list(ck["classes"]),
-                       "threshold": ck.get("threshold"), "created_at": meta.get("created_at"),
+                       "threshold": ck.get("threshold"), "min_confidence": ck.get("min_confidence"),
+                       "created_at": meta.get("created_at"),
                        "metrics": meta.get("metrics", {})}
         with self.lock:
             self.entries[path] = (key, summary)

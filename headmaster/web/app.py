@@ -1,7 +1,8 @@
 """The review page: Starlette routes over a ReviewBackend, Jinja templates, a few KB of JS.
 
 Every page has a JSON twin (`/heads/colour` and `/heads/colour.json`). State changes are
-POSTs under /api/ (the guard checks their CSRF token); images are named by content hash.
+POSTs under /api/ (the guard checks their CSRF token): plain forms, answered with a redirect back to
+the page, or JSON from the script, answered with JSON. Images are named by content hash.
 Nothing here imports torch or the model code: the backend does the heavy work.
 """
 
@@ -10,18 +11,20 @@ from __future__ import annotations
 import mimetypes
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import parse_qs, quote, urlencode
 
 from jinja2 import Environment, FileSystemLoader, Undefined, select_autoescape
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from headmaster import HeadmasterError
+from headmaster.workspace import MIN_BUCKET_IMAGES
 from headmaster.web.backend import HASH_ID, Action, Item, NotFound, ReviewBackend
-from headmaster.web.security import SECURITY_HEADERS, Guard, GuardMiddleware
+from headmaster.web.security import FORM_TYPE, SECURITY_HEADERS, Guard, GuardMiddleware
 from headmaster.web.thumbnails import THUMBS_DIR, ThumbnailError, cached_thumbnail
 
 HERE = Path(__file__).parent
@@ -62,38 +65,45 @@ def create_app(backend: ReviewBackend, guard: Guard) -> Callable:
     def overview_json(request: Request) -> Response:
         return JSONResponse(backend.status())
 
-    def review(request: Request, view: str) -> tuple[dict, dict, list[Item]]:
+    def review(request: Request, view: str) -> tuple[dict, dict, list[Item], int]:
         head = request.path_params["head"]
         status, info = head_status(head)
         limit = _limit(request, QUEUE_PAGE if view == "queue" else SUSPECTS_PAGE)
-        items = backend.queue(head, limit) if view == "queue" else backend.suspects(head, limit)
-        return status, info, items
+        if view == "queue":
+            items = backend.queue(head, limit)
+            return status, info, items, len(items)
+        return status, info, backend.suspects(head, limit), backend.suspects_total(head)
+
+    def render_cards(items: list[Item], info: dict[str, Any], view: str) -> str:
+        return env.get_template("cards.html").render(items=items, buckets=buckets_of(info), view=view, csrf=guard.csrf)
 
     def review_page(view: str) -> Callable[[Request], Response]:
         def endpoint(request: Request) -> Response:
-            error = None
+            error = request.query_params.get("error")
             try:
-                status, info, items = review(request, view)
-            except HeadmasterError as e:  # e.g. too few images to score suspects: say so on the page
+                status, info, items, total = review(request, view)
+            except HeadmasterError as e:  # the worker failed, too few images to score suspects: say so on the page
                 status, info = head_status(request.path_params["head"])
-                items, error = [], str(e)
+                items, total, error = [], 0, str(e)
             return page("review.html", request, head=request.path_params["head"], info=info, items=items,
-                        view=view, buckets=buckets_of(info), daemon=status["daemon"], error=error)
+                        total=total, view=view, buckets=buckets_of(info), daemon=status["daemon"], error=error,
+                        notice=request.query_params.get("notice"), min_bucket=MIN_BUCKET_IMAGES)
         return endpoint
 
     def review_json(view: str) -> Callable[[Request], Response]:
         def endpoint(request: Request) -> Response:
-            _, info, items = review(request, view)
+            _, info, items, total = review(request, view)
             return JSONResponse({"head": request.path_params["head"], "view": view, "status": info,
-                                 "buckets": list(info["buckets"]), "items": [i.to_dict() for i in items]})
+                                 "buckets": list(info["buckets"]), "items": [i.to_dict() for i in items],
+                                 "total": total})
         return endpoint
 
     def cards(request: Request) -> Response:
         view = request.query_params.get("view", "queue")
         if view not in ("queue", "suspects"):
             raise NotFound(f"unknown view {view!r}")
-        _, info, items = review(request, view)
-        return HTMLResponse(env.get_template("cards.html").render(items=items, buckets=buckets_of(info), view=view))
+        _, info, items, _ = review(request, view)
+        return HTMLResponse(render_cards(items, info, view))
 
     def details(request: Request) -> Response:
         head = request.path_params["head"]
@@ -122,27 +132,39 @@ def create_app(backend: ReviewBackend, guard: Guard) -> Callable:
             raise NotFound("not an image")
         return FileResponse(source, media_type=kind, headers={"cache-control": "private, max-age=60"})
 
-    # -- actions (POST, CSRF-checked by the guard) ---------------------------------------------
-    async def label(request: Request) -> Response:
-        body = await _json(request)
-        action = await _threaded(backend.label, _str(body, "head"), _id(_str(body, "id")), _str(body, "bucket"))
-        return JSONResponse({"action": action.to_dict()})
-
-    async def exclude(request: Request) -> Response:
-        body = await _json(request)
-        action = await _threaded(backend.exclude, _str(body, "head"), _id(_str(body, "id")))
-        return JSONResponse({"action": action.to_dict()})
+    # -- actions (POST, CSRF-checked by the guard): a plain form or JSON from the script ----------
+    def action(fn: Callable[..., Action], *fields: str) -> Callable[[Request], Any]:
+        async def endpoint(request: Request) -> Response:
+            body, form = await _fields(request)
+            try:
+                args = [_id(_str(body, f)) if f == "id" else _str(body, f) for f in fields]
+                done = await _threaded(fn, *args)
+            except (HeadmasterError, NotFound, HTTPException) as e:
+                if not form:
+                    raise
+                return _back(body, error=str(e.detail if isinstance(e, HTTPException) else e))
+            if form:
+                return _back(body, notice=done.note or _said(done))
+            return JSONResponse({"action": done.to_dict()})
+        return endpoint
 
     async def undo(request: Request) -> Response:
-        action: Action | None = await _threaded(backend.undo)
+        body, form = await _fields(request)
+        try:
+            action: Action | None = await _threaded(backend.undo)
+        except (HeadmasterError, NotFound) as e:
+            if not form:
+                raise
+            return _back(body, error=str(e))
+        if form:
+            return _back(body, notice=f"undone: {action.name} is back" if action else "Nothing to undo")
         if action is None:
             return JSONResponse({"action": None})
         item = backend.restore_item(action)
         card = None
         if item is not None:
             info = (await _threaded(head_status, item.head))[1]
-            view = "suspects" if item.where == "example" else "queue"
-            card = env.get_template("cards.html").render(items=[item], buckets=buckets_of(info), view=view)
+            card = render_cards([item], info, "suspects" if item.where == "example" else "queue")
         return JSONResponse({"action": action.to_dict(), "card": card})
 
     async def evaluate(request: Request) -> Response:
@@ -162,8 +184,10 @@ def create_app(backend: ReviewBackend, guard: Guard) -> Callable:
         Route("/heads/{head}/evaluate", evaluate, methods=["POST"]),
         Route("/thumbs/{id}.jpg", thumbnail),
         Route("/images/{id}", image),
-        Route("/api/label", label, methods=["POST"]),
-        Route("/api/exclude", exclude, methods=["POST"]),
+        Route("/api/label", action(backend.label, "head", "id", "bucket"), methods=["POST"]),
+        Route("/api/new-bucket", action(backend.new_bucket, "head", "id", "name"), methods=["POST"]),
+        Route("/api/skip", action(backend.skip, "head", "id"), methods=["POST"]),
+        Route("/api/exclude", action(backend.exclude, "head", "id"), methods=["POST"]),
         Route("/api/undo", undo, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
@@ -242,7 +266,33 @@ def _id(value: str) -> str:
     return value
 
 
+async def _fields(request: Request) -> tuple[dict[str, Any], bool]:
+    """The action's fields and whether they came from a plain form (which is answered with a redirect)."""
+    if request.headers.get("content-type", "").split(";")[0].strip() == FORM_TYPE:
+        fields = parse_qs((await request.body()).decode("utf-8", "replace"), keep_blank_values=True)
+        return {k: v[0] for k, v in fields.items()}, True  # the standard library's parser: no multipart needed
+    return await _json(request), False
+
+
+def _back(body: dict[str, Any], **said: str) -> Response:
+    """303 back to the page the form was on, with one line for it to show."""
+    head = body.get("head") if isinstance(body.get("head"), str) else ""
+    path = "/" if not head else f"/heads/{quote(head, safe='')}" + ("/suspects" if body.get("view") == "suspects"
+                                                                     else "")
+    return RedirectResponse(f"{path}?{urlencode(said)}", status_code=303)
+
+
+def _said(action: Action) -> str:
+    if action.kind == "skip":
+        return f"skipped {action.name}"
+    if action.kind == "exclude":
+        return f"excluded {action.name}"
+    return f"{action.bucket} ← {action.name}"
+
+
 async def _json(request: Request) -> dict[str, Any]:
+    if not await request.body():
+        return {}  # undo needs no fields
     try:
         body = await request.json()
     except ValueError:

@@ -43,7 +43,7 @@ class Item:
 class Action:
     """One labelling step, as the undo stack keeps it."""
 
-    kind: str  # 'label' (classified/ move that teaches), 'move' (example to another bucket) or 'exclude'
+    kind: str  # 'label' (classified/ move that teaches), 'move' (example to another bucket), 'exclude' or 'skip'
     head: str
     id: str
     name: str
@@ -51,6 +51,8 @@ class Action:
     source: str  # where it was (relative to the workspace)
     destination: str  # where it is now (relative to the workspace)
     learned: str | None = None  # 'added', 'moved', 'unchanged' when a correction became an example
+    created: bool = False  # the action made heads/<head>/<bucket>/ (a new bucket); undo removes it again
+    note: str | None = None  # one line for the user (what a new bucket still needs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,7 +71,11 @@ class ReviewBackend(Protocol):
         """classified/<head>/uncertain/ closest to the boundary first, then recent sorts."""
 
     def suspects(self, head: str, limit: int) -> list[Item]:
-        """Training images their own bucket fits worst (out-of-fold), most suspect first."""
+        """Training images the out-of-fold scores put in doubt (another bucket preferred, or their own bucket's
+        probability under the head's cut), most suspect first; none when nothing is in doubt."""
+
+    def suspects_total(self, head: str) -> int:
+        """How many images `suspects` has in doubt right now, before its limit."""
 
     def details(self, head: str) -> dict[str, Any]:
         """Checkpoint metrics, and the evaluation figures when they have been computed."""
@@ -79,6 +85,12 @@ class ReviewBackend(Protocol):
 
     def label(self, head: str, id: str, bucket: str) -> Action:
         """Put the image into `bucket`: a queue image teaches the head, an example moves bucket."""
+
+    def new_bucket(self, head: str, id: str, name: str) -> Action:
+        """Make heads/<head>/<name>/ with this image as its first example (HeadmasterError for a bad name)."""
+
+    def skip(self, head: str, id: str) -> Action:
+        """Leave the image where it is and stop showing it on this page (until undone or the server restarts)."""
 
     def exclude(self, head: str, id: str) -> Action:
         """Take an example out of training, into heads/<head>/_excluded/."""

@@ -23,14 +23,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from headmaster import HeadmasterError
-from headmaster.curation import NOT_LABELS, Learned, ensure_schema, learn, unlearn
+from headmaster.curation import NOT_LABELS, Learned, check_bucket_name, ensure_schema, learn, unlearn
 from headmaster.embedding import hash_paths
 from headmaster.evaluation import indexed_leaks, read_figures, save_figures
 from headmaster.fileops import move_into
-from headmaster.heads import UNCERTAIN, CheckpointCache, head_fields
+from headmaster.heads import UNCERTAIN, CheckpointCache, HeadRules, head_fields
 from headmaster.store import FileRecord, Store
 from headmaster.web.backend import EXCLUDED, Action, Item, NotFound
-from headmaster.workspace import NOT_BUCKET_PREFIXES, Workspace, list_images, shown_path
+from headmaster.workspace import (MIN_BUCKET_IMAGES, NOT_BUCKET_PREFIXES, LabelledSet, Workspace, list_images,
+                                  shown_path)
 
 RECENT_SORTS = 200  # how many recent sorts the queue looks at after the uncertain ones
 SUSPECT_FOLDS = 5
@@ -62,6 +63,9 @@ class ReviewService:
         self._paths: dict[str, Path] = {}  # id -> where the image was when we last showed it
         self._items: dict[tuple[str, str], Item] = {}  # (head, id) -> the item shown
         self._suspects: dict[str, tuple[tuple[int, int] | None, list[Item]]] = {}  # head -> (checkpoint key, items)
+        self._leaks: dict[str, tuple[tuple, list[str]]] = {}  # head -> (its folders' state, the leak warnings)
+        self.leak_checks = 0  # how often the leak check really ran (the status poll serves the stored result)
+        self._skipped: set[tuple[str, str]] = set()  # (head, id) the user skipped: not shown again on the queue
         self._checkpoints = CheckpointCache()
 
     @property
@@ -92,13 +96,11 @@ class ReviewService:
                 continue  # removed while we looked
             ck = self._checkpoints.summary(self.ws.checkpoint_path(name)) or {}
             errors, warnings = labelled.problems()
-            with self._lock:  # our connection serves one thread at a time
-                leaks, _ = indexed_leaks(self.ws, self.store, name, labelled)
             heads[name] = {
                 **head_fields(labelled, ck),
                 "uncertain": _count_images(self.ws.classified_dir / name / UNCERTAIN),
                 "excluded": _count_images(self.ws.heads_dir / name / EXCLUDED),
-                "warnings": errors + warnings + [leak.describe(self.ws.root) for leak in leaks],
+                "warnings": errors + warnings + self._leak_warnings(name, labelled),
                 **{k: v for k, v in live_heads.get(name, {}).items() if k not in ("buckets", "metrics")},
             }
         out = {"daemon": bool(live), "workspace": str(self.ws.root), "heads": heads}
@@ -107,13 +109,30 @@ class ReviewService:
                 out[key] = live[key]
         return out
 
+    def _leak_warnings(self, head: str, labelled: LabelledSet) -> list[str]:
+        """indexed_leaks's warnings, computed again only when the head's or its test set's folders change (or,
+        while some images are not indexed yet, when the database does)."""
+        key = _folders_key([labelled.path, *(b.path for b in labelled.buckets)], self.ws.test_dir / head)
+        with self._lock:  # our connection serves one thread at a time
+            cached = self._leaks.get(head)
+            if cached is not None and cached[0][0] == key and cached[0][1] in (None, self._data_version()):
+                return cached[1]
+            leaks, unknown = indexed_leaks(self.ws, self.store, head, labelled)
+            self.leak_checks += 1
+            warnings = [leak.describe(self.ws.root) for leak in leaks]
+            self._leaks[head] = ((key, self._data_version() if unknown else None), warnings)
+            return warnings
+
+    def _data_version(self) -> int:
+        return self.store.conn.execute("PRAGMA data_version").fetchone()[0]
+
     def queue(self, head: str, limit: int) -> list[Item]:
         classes = self._known_head(head).classes
-
-        try:
+        uncertain = self.ws.classified_dir / head / UNCERTAIN
+        found = []
+        if self.ws.checkpoint_path(head).exists() and _count_images(uncertain):
+            # a failure here (the worker down, a damaged checkpoint) is the page's error, not an empty queue
             found = self.model_call("rank_uncertain", head=head)
-        except HeadmasterError:
-            found = []  # not trained yet: nothing to rank
         paths = [Path(u["path"]) for u in found]
         with self._lock:  # our connection serves one thread at a time
             hashes, _, _ = hash_paths(self.store, paths)
@@ -123,7 +142,8 @@ class ReviewService:
         seen = {i.id for i, _ in ranked}
         with self._lock:
             recent = [(i, p) for i, p in self._recent_sorts(head, classes, limit) if i.id not in seen]
-        chosen = _unique(ranked + recent)[:limit]
+        with self._lock:
+            chosen = [(i, p) for i, p in _unique(ranked + recent) if (head, i.id) not in self._skipped][:limit]
         self._remember(chosen)
         return [i for i, _ in chosen]
 
@@ -152,21 +172,31 @@ class ReviewService:
         return row is not None and row[0] != "unlearned"
 
     def suspects(self, head: str, limit: int) -> list[Item]:
-        self._known_head(head)
-        key = _stat_key(self.ws.checkpoint_path(head))
+        return self._doubted(head)[:limit]
+
+    def suspects_total(self, head: str) -> int:
+        return len(self._doubted(head))
+
+    def _doubted(self, head: str) -> list[Item]:
+        """Every example the out-of-fold scores put in doubt, most suspect first (the scores are kept until the
+        checkpoint changes: a retrain); `hm suspects` lists every example, the page only these."""
+        labelled = self._known_head(head)
+        path = self.ws.checkpoint_path(head)
+        key = _stat_key(path)
         cached = self._suspects.get(head)
         if cached is None or cached[0] != key:
             # a head that cannot be scored yet: HeadmasterError, shown on the page
             report = self.model_call("suspects", head=head, folds=SUSPECT_FOLDS, epochs=SUSPECT_EPOCHS)
+            rules = _rules(labelled, self._checkpoints.summary(path) or {})
             found = [(Item(x["hash"], head, Path(x["path"]).name, "example", x["bucket"], x["preferred"],
-                           x["p_bucket"]), Path(x["path"])) for x in report["suspects"]]
+                           x["p_bucket"]), Path(x["path"])) for x in report["suspects"]
+                     if rules.doubts(x["bucket"], x["p_bucket"], x["preferred"])]
             with self._lock:
                 self._remember(found)
                 self._suspects[head] = (key, [i for i, _ in found])
         with self._lock:  # drop the ones moved since (an action, or by hand)
-            items = [i for i in self._suspects[head][1] if self._paths.get(i.id) and self._paths[i.id].exists()
-                     and self._paths[i.id].parent.name == i.bucket]
-        return items[:limit]
+            return [i for i in self._suspects[head][1] if self._paths.get(i.id) and self._paths[i.id].exists()
+                    and self._paths[i.id].parent.name == i.bucket and (head, i.id) not in self._skipped]
 
     def details(self, head: str) -> dict[str, Any]:
         self._known_head(head)
@@ -202,6 +232,44 @@ class ReviewService:
             learned = self.teach(head, bucket, moved, id)
             return self._push(item, path, "label", bucket, moved, learned)
 
+    def new_bucket(self, head: str, id: str, name: str) -> Action:
+        """Make heads/<head>/<name>/ with this image as its first example; undo takes the folder away again.
+
+        A queue image moves to classified/<head>/<name>/ and teaches the head, as a label does; an example
+        moves into the new folder. The head trains with the new class from its next retrain.
+        """
+        self._known_head(head)
+        name = check_bucket_name(name)
+        folder = self.ws.heads_dir / head / name
+        if folder.exists():
+            raise HeadmasterError(f"head '{head}' already has a folder {name!r}: label into it instead")
+        with self._lock:
+            item, path = self._current(head, id)
+            folder.mkdir()
+            try:
+                if item.where == "example":
+                    after, learned = move_into(path, folder), None
+                else:
+                    after = move_into(path, self.ws.classified_dir / head / name)
+                    _index(self.store, after, id)
+                    learned = self.teach(head, name, after, id)
+            except BaseException:
+                _remove_if_empty(folder)
+                raise
+            more = MIN_BUCKET_IMAGES - len(list_images(folder)[0])
+            note = (f"new bucket '{name}' for head '{head}': the head trains with it from its next retrain"
+                    + (f"; add {more} more example{'s' if more != 1 else ''} ({MIN_BUCKET_IMAGES} recommended)"
+                       if more > 0 else ""))
+            return self._push(item, path, "move" if learned is None else "label", name, after, learned,
+                              created=True, note=note)
+
+    def skip(self, head: str, id: str) -> Action:
+        self._known_head(head)
+        with self._lock:
+            item, path = self._current(head, id)
+            self._skipped.add((head, id))
+            return self._push(item, path, "skip", item.bucket or UNCERTAIN, path)
+
     def exclude(self, head: str, id: str) -> Action:
         self._known_head(head)
         with self._lock:
@@ -215,7 +283,9 @@ class ReviewService:
             if not self._undo:
                 return None
             action, item, before, after = self._undo.pop()
-            if action.kind == "keep":
+            if action.kind == "skip":
+                self._skipped.discard((action.head, action.id))
+            if action.kind in ("keep", "skip"):
                 return action
             if not after.exists():
                 raise NotFound(f"{shown_path(after, self.ws.root)} is gone; nothing to undo")
@@ -223,6 +293,9 @@ class ReviewService:
             _index(self.store, back, item.id)
             if action.kind == "label":
                 self._unteach(action, item, back)
+            if action.created:  # the bucket the action made goes again, unless someone filled it meanwhile
+                _remove_if_empty(self.ws.heads_dir / action.head / action.bucket)
+                _remove_if_empty(self.ws.classified_dir / action.head / action.bucket)
             self._paths[item.id] = back
             return action
 
@@ -259,12 +332,41 @@ class ReviewService:
         return item, path
 
     def _push(self, item: Item, before: Path, kind: str, bucket: str, after: Path,
-              learned: Learned | None = None) -> Action:
+              learned: Learned | None = None, created: bool = False, note: str | None = None) -> Action:
         action = Action(kind, item.head, item.id, item.name, bucket, shown_path(before, self.ws.root),
-                        shown_path(after, self.ws.root), learned.action if learned else None)
+                        shown_path(after, self.ws.root), learned.action if learned else None, created, note)
         self._undo.append((action, item, before, after))
         self._paths[item.id] = after
         return action
+
+
+def _rules(labelled: LabelledSet, ck: dict[str, Any]) -> HeadRules:
+    """The head's cuts from its checkpoint summary; the defaults while its buckets differ from the checkpoint's."""
+    if ck.get("classes") == labelled.classes:
+        return HeadRules({"type": ck["type"], "classes": ck["classes"], "threshold": ck.get("threshold"),
+                          "min_confidence": ck.get("min_confidence")})
+    return HeadRules({"type": labelled.head_type, "classes": labelled.classes})
+
+
+def _folders_key(folders: list[Path], test: Path | None = None) -> tuple:
+    """What changes when an image is added, removed or renamed in these folders or in the test set's."""
+    if test is not None and test.is_dir():
+        folders = [*folders, test, *(p for p in test.iterdir() if p.is_dir())]
+    key = []
+    for folder in folders:
+        try:
+            st = os.stat(folder)
+        except FileNotFoundError:
+            continue
+        key.append((str(folder), st.st_mtime_ns, st.st_ino))
+    return tuple(key)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()  # only ever an empty folder: never an image
+    except OSError:
+        pass
 
 
 def _probability(classes: list[str], bucket: str, score: float | None) -> float | None:

@@ -3,7 +3,8 @@
 - Loopback by default; any other address needs a token, and then every request carries it
   (`?token=` once, which sets a cookie, or `Authorization: Bearer ...`).
 - The Host header must name the address we listen on, so a rebound DNS name cannot reach us.
-- Every state change is a POST carrying the per-process CSRF token the page was rendered with.
+- Every state change is a POST carrying the per-process CSRF token the page was rendered with
+  (the X-CSRF-Token header from the script, or the `csrf` field of a plain form).
 
 Plain ASGI and the standard library only. The listen-address rules themselves are plain data that
 `headmaster.config` checks `[web] listen` with (`check_listen`); this module applies them to requests.
@@ -22,7 +23,9 @@ from headmaster.config import WILDCARDS, is_loopback
 
 TOKEN_COOKIE = "hm_token"
 CSRF_HEADER = "x-csrf-token"
-CSRF_FIELD = "csrf"
+CSRF_FIELD = "csrf"  # the hidden field of the page's plain forms
+FORM_TYPE = "application/x-www-form-urlencoded"
+MAX_FORM_BYTES = 64 * 1024  # a form of the page is a few short fields
 SAFE_METHODS = ("GET", "HEAD")
 
 
@@ -85,7 +88,14 @@ class GuardMiddleware:
             origin = headers.get("origin")
             if origin and origin != "null" and origin.split("://", 1)[-1].lower() != headers.get("host", "").lower():
                 return await _deny(send, 403, "Cross-origin request refused")
-            if not self.guard.csrf_ok(headers.get(CSRF_HEADER)):
+            presented = headers.get(CSRF_HEADER)
+            if presented is None and headers.get("content-type", "").split(";")[0].strip() == FORM_TYPE:
+                body = await _read_body(receive, MAX_FORM_BYTES)
+                if body is None:
+                    return await _deny(send, 413, "Form too large")
+                presented = parse_qs(body.decode("latin-1")).get(CSRF_FIELD, [None])[0]
+                receive = _replay(body, receive)
+            if not self.guard.csrf_ok(presented):
                 return await _deny(send, 403, "Missing or wrong CSRF token: reload the page")
         if self.guard.token and from_query:  # remember the token in a cookie, so links need not carry it
             send = _with_cookie(send, self.guard.token)
@@ -99,6 +109,36 @@ SECURITY_HEADERS = [
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),
 ]
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or None past `limit` bytes."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, then: Receive) -> Receive:
+    """A `receive` that hands the app the body already read, then whatever the client sends next."""
+    sent = False
+
+    async def receive() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await then()
+
+    return receive
 
 
 def _bearer(headers: dict[str, str]) -> str | None:

@@ -46,7 +46,7 @@
     const n = cards().length;
     if (left) left.textContent = n;
     const empty = document.getElementById("empty");
-    if (empty) empty.hidden = n > 0;
+    if (empty) empty.hidden = n > 0 || !!document.getElementById("error");  // an error says why the list is empty
   }
 
   function columns() {
@@ -78,11 +78,14 @@
     if (view === "queue" && cards().length < REFILL_BELOW) refill();  // suspects: the worst 20 are the list
   }
 
-  function act(card, url, data, text) {
+  function act(card, url, data, text, then) {
     if (!card) return;
     performance.mark("hm-action");  // timings for DevTools and bench/review_page.py
     take(card, text);
-    chain = chain.then(() => post(url, data)).then(() => performance.mark("hm-action-done")).catch(err => {
+    chain = chain.then(() => post(url, data)).then(out => {
+      performance.mark("hm-action-done");
+      if (then) then(out);
+    }).catch(err => {
       toast(err.message, true);
       handled.delete(card.dataset.id);
       card.classList.remove("leaving");
@@ -97,6 +100,60 @@
     act(card, "/api/label", {head, id: card.dataset.id, bucket}, `${bucket} ← ${card.querySelector(".name").textContent}`);
   }
 
+  function skip(card) {
+    if (!card) return;
+    act(card, "/api/skip", {head, id: card.dataset.id}, `skipped ${card.querySelector(".name").textContent}`);
+  }
+
+  function newBucket(card, name) {
+    if (!card || !name.trim()) return;
+    act(card, "/api/new-bucket", {head, id: card.dataset.id, name}, `${name.trim()} (new) ← ${card.querySelector(".name").textContent}`,
+        out => { addBucket(out.action.bucket); toast(out.action.note); });
+  }
+
+  function startNewBucket(card) {
+    // n: type the new bucket's name into the focused card's field; Enter makes it, Escape goes back
+    const input = card && card.querySelector(".new-bucket input[name=name]");
+    if (input) input.focus();
+  }
+
+  function addBucket(name) {
+    // a bucket made on this page: a key in the legend and a button on every card, as the server renders them
+    const legend = document.getElementById("legend");
+    if (legend.querySelector(`[data-bucket="${CSS.escape(name)}"]`)) return;
+    const key = "123456789".split("").find(k => !names[k]);
+    if (key) {
+      names[key] = name;
+      const hint = document.createElement("span");
+      hint.className = "key-hint";
+      hint.dataset.key = key;
+      hint.dataset.bucket = name;
+      hint.innerHTML = "<kbd></kbd>";
+      hint.firstChild.textContent = key;
+      hint.append(name);
+      const last = Array.from(legend.querySelectorAll("[data-key]")).pop();
+      if (last) last.after(hint); else legend.prepend(hint);
+    }
+    grid.querySelectorAll("form.choices").forEach(form => {
+      const button = document.createElement("button");
+      button.type = "submit";
+      button.name = "bucket";
+      button.value = name;
+      button.dataset.bucket = name;
+      button.tabIndex = -1;
+      if (key) { const k = document.createElement("kbd"); k.textContent = key; button.append(k); }
+      button.append(name);
+      const after = Array.from(form.querySelectorAll("button[data-bucket]")).pop();
+      if (after) after.after(button); else form.prepend(button);
+    });
+  }
+
+  function removeBucket(name) {
+    for (const k of Object.keys(names)) if (names[k] === name) delete names[k];
+    document.querySelectorAll(`#legend [data-bucket="${CSS.escape(name)}"], form.choices button[data-bucket="${CSS.escape(name)}"]`)
+      .forEach(el => el.remove());
+  }
+
   function exclude(card) {
     if (!card || view !== "suspects") return;
     act(card, "/api/exclude", {head, id: card.dataset.id}, `excluded ${card.querySelector(".name").textContent}`);
@@ -107,6 +164,7 @@
       if (!out.action) { toast("Nothing to undo"); return; }
       const a = out.action;
       handled.delete(a.id);
+      if (a.created) removeBucket(a.bucket);
       const old = grid.querySelector(`.card[data-id="${a.id}"]`);
       if (old) old.remove();
       if (out.card && a.head === head) {
@@ -141,18 +199,25 @@
     }
   }
 
+  const names = {};  // key -> bucket, from the legend (it lists every bucket even when the grid is empty)
   if (grid) {
-    const names = {};  // key -> bucket, from the legend (it lists every bucket even when the grid is empty)
     document.querySelectorAll("#legend [data-key]").forEach(h => { names[h.dataset.key] = h.dataset.bucket; });
     focus(cards()[0], false);
     counts();
 
     document.addEventListener("keydown", e => {
+      if (e.target.matches(".new-bucket input") && e.key === "Escape") {
+        e.target.value = "";
+        e.target.blur();
+        return;
+      }
       if (e.ctrlKey || e.metaKey || e.altKey || e.target.matches("input, textarea, select")) return;
       const k = e.key;
       if (names[k]) label(focused(), names[k]);
       else if (k === "u" || k === "U") undo();
       else if (k === "x" || k === "X") exclude(focused());
+      else if (k === "s" || k === "S") skip(focused());
+      else if (k === "n" || k === "N") startNewBucket(focused());
       else if (k === "ArrowRight" || k === "l") move(1);
       else if (k === "ArrowLeft" || k === "h") move(-1);
       else if (k === "ArrowDown" || k === "j") move(columns());
@@ -164,13 +229,25 @@
     const undoButton = document.getElementById("undo");
     if (undoButton) undoButton.addEventListener("click", undo);
 
-    grid.addEventListener("click", e => {
+    // the cards' plain forms work without this script; with it, they post JSON and the page stays
+    grid.addEventListener("submit", e => {
       const card = e.target.closest(".card");
       if (!card) return;
-      const button = e.target.closest("button");
-      if (button && button.dataset.bucket) label(card, button.dataset.bucket);
+      e.preventDefault();
+      const button = e.submitter;
+      if (e.target.matches(".new-bucket")) newBucket(card, e.target.querySelector("input[name=name]").value);
+      else if (button && button.dataset.bucket) label(card, button.dataset.bucket);
       else if (button && button.dataset.exclude) exclude(card);
-      else if (!e.target.closest("a")) focus(card);
+      else if (button && button.dataset.skip) skip(card);
+    });
+
+    grid.addEventListener("click", e => {
+      const card = e.target.closest(".card");
+      if (card && !e.target.closest("a, button, input")) focus(card);
+    });
+    grid.addEventListener("focusin", e => {
+      const card = e.target.closest(".card");
+      if (card && e.target.matches("input")) focus(card, false);
     });
   }
 
