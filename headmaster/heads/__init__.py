@@ -8,6 +8,7 @@ checkpoint_files.py exporting and cleaning checkpoint files (hm export, hm clean
 arrays.py      scoring with numpy alone, and the uncertain rules every decision follows
 training.py    hm train: a head's labelled images embedded and a head trained on them
 sorting.py     hm classify: decisions for files, and placing copies or moves into bucket folders
+ray_classify.py  hm classify --engine ray: the heads' numpy scoring on the Ray engine's embedding actors
 output.py      rows out: an aligned table, CSV or JSON; status.py, what hm status shows
 export.py      hm export --format onnx: backbone and heads as one ONNX graph
 demo/          hm demo: the main job in miniature, on sample photos that ship in the package
@@ -25,7 +26,9 @@ _EXPORTS = {
     "BINARY_MARGIN": "arrays",
     "CheckpointCache": "checkpoint_meta",
     "Decision": "sorting",
+    "FILE_FORMATS": "output",
     "FORMATS": "output",
+    "HeadScorer": "ray_classify",
     "HeadMLP": "mlp",
     "MULTICLASS_MIN_CONFIDENCE": "arrays",
     "MultiPrediction": "sorting",
@@ -37,16 +40,20 @@ _EXPORTS = {
     "class_weights": "base",
     "classify_folder": "sorting",
     "decide_paths": "sorting",
+    "decisions_from_probs": "sorting",
     "embed_heads": "training",
     "export_onnx": "export",
+    "full_prediction_rows": "ray_classify",
     "head_fields": "checkpoint_meta",
     "head_from_checkpoint": "checkpoint",
+    "labelled_paths": "training",
     "labelled_rows": "training",
     "lay_out": "demo",
     "load_head": "checkpoint",
     "load_trained": "sorting",
     "multiclass_metrics": "base",
     "predict_heads": "sorting",
+    "predict_heads_ray": "ray_classify",
     "prediction_rows": "sorting",
     "prepare_inputs": "base",
     "read_checkpoint": "checkpoint",
@@ -74,11 +81,13 @@ if TYPE_CHECKING:
     from headmaster.heads.demo import lay_out, run_demo
     from headmaster.heads.export import export_onnx
     from headmaster.heads.mlp import HeadMLP, train_head
-    from headmaster.heads.output import FORMATS, write_rows, write_text_atomic
+    from headmaster.heads.output import FILE_FORMATS, FORMATS, write_rows, write_text_atomic
     from headmaster.heads.prototypes import train_prototypes
-    from headmaster.heads.sorting import (Decision, MultiPrediction, classify_folder, decide_paths, load_trained,
-                                          predict_heads, prediction_rows, source_images)
-    from headmaster.heads.training import TrainReport, embed_heads, labelled_rows, train_one
+    from headmaster.heads.ray_classify import HeadScorer, full_prediction_rows, predict_heads_ray
+    from headmaster.heads.sorting import (Decision, MultiPrediction, classify_folder, decide_paths,
+                                          decisions_from_probs, load_trained, predict_heads, prediction_rows,
+                                          source_images)
+    from headmaster.heads.training import TrainReport, embed_heads, labelled_paths, labelled_rows, train_one
 
 
 def __getattr__(name: str) -> Any:
