@@ -8,7 +8,8 @@ On the same files and model, each run in a fresh workspace (nothing cached):
       first vectors (the actor pool starting: a new process imports ray.data and loads the model)
   (d) the decode cost per image: prepare_image (read, decode at reduced size, the model's preprocessing) in
       one thread, the CPU work every image costs a decode task
-  (e) the driver's SQLite write rate for vectors of the model's size (put_vectors, batches of 16, 64, 512)
+  (e) the driver's SQLite write rate for vectors (put_vectors; 1280-d as here, 512-d as ViT-B/32; batches of
+      16, 64, 512)
 
 Usage:
   uv run python bench/ray_embed.py                          # ../shared, 300 photos, efficientnet-lite0
@@ -32,6 +33,8 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # as hm sets it: workers use this venv as it is
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -89,11 +92,9 @@ def run_ray(ws: Path, actors: int, batch: int) -> dict:
                                                                           progress=False))
         wall = time.perf_counter() - t
     run = r.seconds - r.start_seconds
-    steady = (r.embedded - r.first_batch_images) / (r.embed_seconds - r.first_batch_seconds) \
-        if r.embed_seconds > r.first_batch_seconds else 0.0
     return {"actors": actors, "wall_s": round(wall, 1), "embedded": r.embedded, "failed": r.failed,
             "driver_prep_s": round(r.start_seconds, 1), "first_vectors_s": round(r.first_batch_seconds, 1),
-            "img_s": round(r.embedded / run, 2) if run > 0 else 0.0, "img_s_after_first": round(steady, 2),
+            "img_s": round(r.embedded / run, 2) if run > 0 else 0.0,
             "backend": r.backend, "summary": r.summary("efficientnet-lite0")}
 
 
@@ -115,7 +116,7 @@ def decode_cost(files: list[tuple[str, Path]], model_path: Path) -> dict:
             "ms_per_image_cpu": round(cpu / len(sample) * 1000, 1), "mean_file_kib": round(np.mean(sizes) / 1024)}
 
 
-def sqlite_rate(dim: int = 1280, total: int = 20_000) -> dict:
+def sqlite_rate(dim: int, total: int = 20_000) -> dict:
     from headmaster.store import Store
 
     out = {}
@@ -127,7 +128,7 @@ def sqlite_rate(dim: int = 1280, total: int = 20_000) -> dict:
             t = time.perf_counter()
             for i in range(0, total, batch):
                 store.put_vectors(model.id, ((f"{j:064x}", vectors[j]) for j in range(i, min(total, i + batch))))
-            out[f"batch_{batch}_vectors_s"] = round(total / (time.perf_counter() - t))
+            out[f"dim_{dim}_batch_{batch}_vectors_s"] = round(total / (time.perf_counter() - t))
     return out
 
 
@@ -144,7 +145,7 @@ def main() -> None:
         tmp = Path(tmp)
         result["decode"] = decode_cost(files, model_path)
         print("decode", result["decode"], flush=True)
-        result["sqlite"] = sqlite_rate()
+        result["sqlite"] = {**sqlite_rate(1280), **sqlite_rate(512)}
         print("sqlite", result["sqlite"], flush=True)
         result["local"] = run_local(workspace(tmp / "local", files, model_path))
         print("local", result["local"], flush=True)
@@ -154,7 +155,7 @@ def main() -> None:
 
         result["ray_import_s"] = round(time.perf_counter() - t, 1)
         t = time.perf_counter()
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", configure_logging=True)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", configure_logging=True)
         result["ray_init_s"] = round(time.perf_counter() - t, 1)
         print("ray start", result["ray_import_s"], result["ray_init_s"], flush=True)
         for actors in (1, 2):

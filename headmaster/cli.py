@@ -418,6 +418,8 @@ def _embed_ray(obj: dict, head: str | None, options, dry_run: bool, device) -> N
         engine = functools.partial(embed_for_ray, options=options)
         report = embed_heads(c, head, engine=engine)
         _print_skipped(report.result.skipped, c.workspace.root)
+        for conflict in report.conflicts:
+            _warn("label conflict: " + conflict.describe(c.workspace.heads_dir))
         for w in report.warnings:
             _warn(w)
         for e in report.errors:

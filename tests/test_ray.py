@@ -27,6 +27,7 @@ from headmaster.store import Store
 def ray_local():
     """A local Ray instance for this module: 2 CPUs, no dashboard, nothing reachable from outside."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"  # the workers use this venv, not a copy uv builds per session
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2, logging_level="ERROR",
@@ -73,6 +74,36 @@ def cache_of(ws: Path) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str,
     con.close()
     return vectors, files, bad
 
+
+# -- without a Ray start (first: the module's Ray instance starts with the first test that needs it) --------
+
+def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path, clip_path):
+    ws = colour_workspace(tmp_path, clip_path)
+    with Context.open(str(ws), EmbedOptions(device="cpu", progress=False)) as c:
+        paths = sorted((ws / "heads" / "colour" / "red").glob("*.png"))
+        embed_paths(c.store, c.active_model(), paths[:4])  # 4 cached, 16 to go
+    out = invoke(ws, "embed", "--engine", "ray", "--dry-run", "--workers", "3", "--gpus-per-worker", "0.5").output
+    assert "Plan (dry run, nothing started): 20 files" in out
+    assert re.search(r"cached:\s+4\n", out) and re.search(r"to embed:\s+16 \(16 new or changed", out)
+    assert "3 embedding actors, each 0.5 GPU" in out
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_ray_flags_need_the_ray_engine_and_a_missing_ray_is_one_line(tmp_path, clip_path, monkeypatch):
+    ws = colour_workspace(tmp_path, clip_path)
+    one_error_line(invoke(ws, "embed", "--address", "auto", ok=False), r"--address only apply to --engine ray")
+    one_error_line(invoke(ws, "embed", "--engine", "ray", "--device", "cpu", ok=False), r"--gpus-per-worker")
+    one_error_line(invoke(ws, "embed", "--engine", "ray", "--address", "ray://head:10001", ok=False),
+                   r"Ray Data does not run over Ray Client")
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # as on a plain install: `import ray` fails
+    with pytest.raises(HeadmasterError, match=r"pip install 'headmaster\[ray\]'"):
+        require_ray()
+    one_error_line(invoke(ws, "embed", "--engine", "ray", ok=False), r"needs Ray Data.*headmaster\[ray\]")
+
+
+# -- on the module's local Ray instance ------------------------------------------------------------------
 
 def test_ray_vectors_equal_the_local_engine_and_bad_files_are_recorded(ray_local, tmp_path, clip_path):
     local = colour_workspace(tmp_path / "local", clip_path, bad=True)
@@ -167,31 +198,3 @@ def test_classify_on_ray_agrees_with_local_classify(ray_local, tmp_path, clip_pa
 def test_a_path_missing_on_a_worker_is_one_clear_line(ray_local, tmp_path):
     with pytest.raises(HeadmasterError, match=r"nope\.png is not readable on Ray node .*same path as the driver"):
         check_readable_on_workers(tmp_path / "nope.png")
-
-
-# -- without a Ray start ----------------------------------------------------------------------------------
-
-def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path, clip_path):
-    ws = colour_workspace(tmp_path, clip_path)
-    with Context.open(str(ws), EmbedOptions(device="cpu", progress=False)) as c:
-        paths = sorted((ws / "heads" / "colour" / "red").glob("*.png"))
-        embed_paths(c.store, c.active_model(), paths[:4])  # 4 cached, 16 to go
-    out = invoke(ws, "embed", "--engine", "ray", "--dry-run", "--workers", "3", "--gpus-per-worker", "0.5").output
-    assert "Plan (dry run, nothing started): 20 files" in out
-    assert re.search(r"cached:\s+4\n", out) and re.search(r"to embed:\s+16 \(16 new or changed", out)
-    assert "3 embedding actors, each 0.5 GPU" in out
-    import ray
-
-    assert not ray.is_initialized()
-
-
-def test_ray_flags_need_the_ray_engine_and_a_missing_ray_is_one_line(tmp_path, clip_path, monkeypatch):
-    ws = colour_workspace(tmp_path, clip_path)
-    one_error_line(invoke(ws, "embed", "--address", "auto", ok=False), r"--address only apply to --engine ray")
-    one_error_line(invoke(ws, "embed", "--engine", "ray", "--device", "cpu", ok=False), r"--gpus-per-worker")
-    one_error_line(invoke(ws, "embed", "--engine", "ray", "--address", "ray://head:10001", ok=False),
-                   r"Ray Data does not run over Ray Client")
-    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # as on a plain install: `import ray` fails
-    with pytest.raises(HeadmasterError, match=r"pip install 'headmaster\[ray\]'"):
-        require_ray()
-    one_error_line(invoke(ws, "embed", "--engine", "ray", ok=False), r"needs Ray Data.*headmaster\[ray\]")

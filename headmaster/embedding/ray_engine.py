@@ -53,6 +53,9 @@ Score = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 def require_ray() -> Any:
     """The ray module, or one line saying how to install it."""
+    # Workers run this machine's (or their node's) installed headmaster: under `uv run`, Ray would otherwise
+    # copy the working folder into every session and build a fresh virtual environment there for the workers.
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     try:
         import ray
         import ray.data  # noqa: F401
@@ -137,16 +140,17 @@ class RayPlan:
     def describe(self) -> str:
         o = self.options
         where = o.address or "a local Ray instance (ray.init())"
-        workers = str(o.workers) if o.workers else "auto (from the cluster's resources)"
         per = (f"{o.gpus_per_worker:g} GPU" if o.gpus_per_worker else "CPU only") + \
             (f", {o.cpus_per_worker:g} CPUs" if o.cpus_per_worker else "")
+        workers = f"{o.workers} embedding actors" if o.workers else \
+            f"one embedding actor per {f'{o.gpus_per_worker:g} GPU' if o.gpus_per_worker else '4 CPUs'} of the cluster"
         lines = [f"Plan (dry run, nothing started): {self.files} files",
                  f"  cached:        {self.cached}",
                  f"  to embed:      {self.to_embed + self.to_hash} ({self.to_hash} new or changed files are hashed on "
                  f"the workers first; cached ones among them are skipped there)",
                  f"  skipped:       {self.unusable} known unusable, {self.vanished} vanished",
                  f"  cluster:       {where}",
-                 f"  workers:       {workers} embedding actors, each {per}; decode tasks 1 CPU each",
+                 f"  workers:       {workers}, each {per}; decode tasks 1 CPU each",
                  f"  batch size:    {o.batch_size or ('64' if o.gpus_per_worker else '16')}",
                  f"  writes to:     {o.out if o.out else 'headmaster.db'}"]
         return "\n".join(lines)

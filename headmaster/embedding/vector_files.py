@@ -46,7 +46,7 @@ def vector_table(hashes: list[str], model: str, vectors: np.ndarray) -> "pa.Tabl
 
 
 class VectorWriter:
-    """Writes vectors into DIR/vectors-00000.parquet, -00001, ... as they come; never touches other files."""
+    """Writes vectors into DIR/vectors-00000.parquet, -00001, ...; never touches other files. Call close()."""
 
     def __init__(self, out_dir: Path, model: str, rows_per_file: int = ROWS_PER_FILE):
         self.out_dir, self.model, self.rows_per_file = Path(out_dir), model, rows_per_file
@@ -60,8 +60,25 @@ class VectorWriter:
         self.rows = 0
         self._writer = None
         self._in_file = 0
+        self._pending: list[tuple[list[str], np.ndarray]] = []
+        self._buffered = 0
 
     def write(self, hashes: list[str], vectors: np.ndarray) -> None:
+        """Buffered: rows go out in row groups of ROW_GROUP (a Parquet row group per small batch is slow)."""
+        self._pending.append((list(hashes), np.asarray(vectors, dtype=np.float32).reshape(len(hashes), -1)))
+        self._buffered += len(hashes)
+        if self._buffered >= ROW_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        hashes = [h for part, _ in self._pending for h in part]
+        vectors = np.concatenate([v for _, v in self._pending])
+        self._pending, self._buffered = [], 0
+        self._write(hashes, vectors)
+
+    def _write(self, hashes: list[str], vectors: np.ndarray) -> None:
         _, pq = _pa()
         start = 0
         while start < len(hashes):
@@ -70,7 +87,9 @@ class VectorWriter:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
                 path = self.out_dir / f"vectors-{len(self.files):05d}.parquet"
                 table = vector_table(hashes[:1], self.model, vectors[:1])
-                self._writer = pq.ParquetWriter(str(path), table.schema)
+                # random floats do not compress or dictionary-encode: only the repeated model name is encoded
+                self._writer = pq.ParquetWriter(str(path), table.schema, use_dictionary=["model"],
+                                                compression="none")
                 self.files.append(path)
             take = min(len(hashes) - start, self.rows_per_file - self._in_file)
             self._writer.write_table(vector_table(hashes[start:start + take], self.model,
@@ -85,6 +104,7 @@ class VectorWriter:
             self._writer, self._in_file = None, 0
 
     def close(self) -> list[Path]:
+        self._flush()
         self._close_file()
         return self.files
 
