@@ -140,8 +140,10 @@ def test_an_actor_killed_mid_run_is_restarted_and_every_file_is_cached_once(ray_
 
     with Context.open(str(ws), EmbedOptions(device="cpu", progress=False)) as c:
         model = c.active_model()
-        result = embed_paths_ray(c.store, model, paths, RayOptions(workers=1, batch_size=4),
+        # the PyTorch backend here (the other tests take ONNX Runtime): the HF processor travels to the decode tasks
+        result = embed_paths_ray(c.store, model, paths, RayOptions(workers=1, batch_size=4, backend="torch"),
                                  on_batch=kill_first_worker)
+        assert result.backend == "torch"
         assert not result.skipped and len(result.hashes) == 24
         count = c.store.conn.execute("SELECT COUNT(*), COUNT(DISTINCT hash) FROM embeddings").fetchone()
         assert count == (24, 24)
