@@ -18,7 +18,7 @@ import click
 from headmaster import HeadmasterError
 from headmaster.config import BACKENDS
 from headmaster.embedding import Context, EmbedOptions, registry
-from headmaster.heads import FORMATS, checkpoint_files as checkpoints, write_rows
+from headmaster.heads import FILE_FORMATS, FORMATS, checkpoint_files as checkpoints, write_rows
 from headmaster.workspace import Workspace, shown_path
 
 if TYPE_CHECKING:
@@ -82,6 +82,7 @@ prediction_rows = lazy("headmaster.heads", "prediction_rows")
 predict_heads = lazy("headmaster.heads", "predict_heads")
 source_images = lazy("headmaster.heads", "source_images")
 embed_heads = lazy("headmaster.heads", "embed_heads")
+labelled_paths = lazy("headmaster.heads", "labelled_paths")
 import_labels_fn = lazy("headmaster.curation", "import_labels")
 read_label_csv = lazy("headmaster.curation", "read_label_csv")
 train_one = lazy("headmaster.heads", "train_one")
@@ -153,6 +154,38 @@ def embed_options(fn: Callable | None = None, *, bad_config_ok: bool = False) ->
     fn = click.option("--device", default=None, metavar="DEVICE",
                       help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu).")(fn)
     return fn
+
+
+ENGINES = ("local", "ray")
+
+
+def ray_options(fn: Callable) -> Callable:
+    """--engine, --address, --gpus-per-worker: the Ray engine's options (headmaster.embedding.ray_engine)."""
+    fn = click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
+                      help="With --engine ray: GPUs per embedding actor (default: CPU actors).")(fn)
+    fn = click.option("--address", default=None, metavar="ADDR",
+                      help="With --engine ray: the cluster to join from one of its nodes (auto, HOST:6379); "
+                           "default: start a local Ray instance.")(fn)
+    fn = click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
+                      help="local: this machine's pipeline. ray: a Ray Data pipeline on a Ray cluster "
+                           "(pip install 'headmaster[ray]'; images readable at the same path on every worker).")(fn)
+    return fn
+
+
+def _ray_options(obj: dict, engine: str, address, gpus_per_worker, workers, batch_size, out=None,
+                 dry_run: bool = False):
+    """RayOptions for --engine ray; the Ray-only flags refused (one line) with the local engine."""
+    if engine != "ray":
+        given = [name for name, value in (("--address", address), ("--gpus-per-worker", gpus_per_worker),
+                                          ("--out", out), ("--dry-run", dry_run or None)) if value is not None]
+        if given:
+            raise HeadmasterError(f"{', '.join(given)} only apply to --engine ray")
+        return None
+    from headmaster.embedding import RayOptions
+
+    return RayOptions(address=address, workers=workers, gpus_per_worker=gpus_per_worker or 0.0,
+                      batch_size=batch_size, backend=obj.get("backend"), out=Path(out) if out else None,
+                      progress=obj.get("progress"), max_pixels=obj.get("max_pixels"))
 
 
 def _context(obj: dict, device=None, batch_size=None, workers=None) -> Context:
@@ -337,11 +370,24 @@ def model_remove(obj, name: str) -> None:
 
 @cli.command()
 @click.option("--head", default=None, help="Only this head (default: all heads).")
+@ray_options
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="With --engine ray: write the vectors as Parquet files into this folder instead of "
+                   "headmaster.db (bring them in later with `hm vectors import`).")
+@click.option("--dry-run", is_flag=True,
+              help="With --engine ray: print the plan (files to embed, cached, workers, resources); start nothing.")
 @embed_options
 @click.pass_obj
 @user_errors
-def embed(obj, head, device, batch_size, workers) -> None:
-    """Compute embeddings for all images with the active model (cached ones are skipped)."""
+def embed(obj, head, engine, address, gpus_per_worker, out, dry_run, device, batch_size, workers) -> None:
+    """Compute embeddings for all images with the active model (cached ones are skipped).
+
+    With --engine ray, on a Ray cluster: --workers embedding actors (default: one per
+    --gpus-per-worker GPUs, else one per 4 CPUs), the vectors back into the same cache.
+    """
+    ray = _ray_options(obj, engine, address, gpus_per_worker, workers, batch_size, out, dry_run)
+    if ray is not None:
+        return _embed_ray(obj, head, ray, dry_run, device)
     timings = os.environ.get("HEADMASTER_TIMINGS") == "1"  # for bench/embed.py: one JSON line on stderr
     if timings:
         importlib.import_module("headmaster.heads.training")  # imports are start-up, not the command's work
@@ -361,6 +407,67 @@ def embed(obj, head, device, batch_size, workers) -> None:
     if timings:
         numbers = dict(report.result.timings(), command_seconds=time.perf_counter() - started)
         click.echo("timings " + json.dumps(numbers), err=True)
+
+
+def _embed_ray(obj: dict, head: str | None, options, dry_run: bool, device) -> None:
+    from headmaster.embedding import embed_for_ray, plan_ray, require_ray
+
+    if device is not None:
+        raise HeadmasterError("--device is for the local engine; with --engine ray use --gpus-per-worker")
+    with _context(obj, None, options.batch_size) as c:
+        c.workspace.heads_to_use(head)
+        if dry_run:
+            click.echo(plan_ray(c.store, c.active_model(), labelled_paths(c, head), options).describe())
+            return
+        require_ray()  # one line before any model loads
+        engine = functools.partial(embed_for_ray, options=options)
+        report = embed_heads(c, head, engine=engine)
+        _print_skipped(report.result.skipped, c.workspace.root)
+        for conflict in report.conflicts:
+            _warn("label conflict: " + conflict.describe(c.workspace.heads_dir))
+        for w in report.warnings:
+            _warn(w)
+        for e in report.errors:
+            _warn(e + " (train will refuse this head)")
+        click.echo(report.result.summary(report.model.name))
+        if options.out is not None:
+            click.echo(f"Wrote {len(report.result.files)} Parquet files to {options.out}; "
+                       f"bring them into a workspace with: hm vectors import {options.out}", err=True)
+
+
+@cli.group("vectors")
+def vectors_group() -> None:
+    """Cached vectors as Parquet files, to carry them between workspaces."""
+
+
+@vectors_group.command("export")
+@click.option("--model", "model_name", default=None, help="Registered model whose vectors to write (default: the active one).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write into (new or empty).")
+@click.pass_obj
+@user_errors
+def vectors_export(obj, model_name, out) -> None:
+    """Write the cache's vectors for a model as Parquet (content_hash, model, dim, vector)."""
+    from headmaster.embedding import export_vectors
+
+    with _context(obj) as c:
+        report = export_vectors(c.store, model_name or c.store.active_model().name, Path(out))
+        click.echo(f"Wrote {report.rows} vectors of {report.model.name} ({report.model.embed_dim}-d) into "
+                   f"{len(report.files)} file{'s' if len(report.files) != 1 else ''} in {out}")
+
+
+@vectors_group.command("import")
+@click.argument("src", metavar="DIR", type=click.Path())
+@click.pass_obj
+@user_errors
+def vectors_import(obj, src) -> None:
+    """Merge Parquet vector files (from `hm vectors export` or `hm embed --engine ray --out`) into this cache.
+
+    Refuses a file whose model is not registered here, or whose vectors have another size.
+    """
+    from headmaster.embedding import describe_import, import_vectors
+
+    with _context(obj) as c:
+        click.echo(describe_import(import_vectors(c.store, Path(src), notify=_note)))
 
 
 @cli.command()
@@ -514,9 +621,9 @@ def status(obj, head) -> None:
 @click.option("--src", required=True, type=click.Path(), help="Folder of images to classify (not recursive).")
 @click.option("--dest", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: <workspace>/classified/<head>/).")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
+@click.option("--format", "fmt", type=click.Choice(FORMATS + FILE_FORMATS), default=None,
               help="Write one row per image with every head's probabilities and prediction instead of copying "
-                   "(default with --heads: csv).")
+                   "(default with --heads: csv; parquet needs --output).")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Write the rows to this file instead of stdout.")
 @click.option("--sidecar", type=click.Choice(SIDECAR_KINDS), default=None,
@@ -525,18 +632,29 @@ def status(obj, head) -> None:
 @click.option("--tta", is_flag=True,
               help="Average each image's vector with its mirror image's (mirrored vectors are cached too).")
 @click.option("--dry-run", is_flag=True, help="Print every copy or sidecar that would be made; change no file.")
+@ray_options
 @embed_options
 @click.pass_obj
 @user_errors
-def classify(obj, head, heads, src, dest, fmt, output, sidecar, overwrite, tta, dry_run, device, batch_size,
-             workers) -> None:
+def classify(obj, head, heads, src, dest, fmt, output, sidecar, overwrite, tta, dry_run, engine, address,
+             gpus_per_worker, device, batch_size, workers) -> None:
     """Copy images from SRC into bucket folders (and uncertain/) by a trained head.
 
     With --heads, --format or --output: print one row per image with each head's
     scores instead. With --sidecar: write the prediction beside each image instead.
+    With --engine ray: rows only, computed on a Ray cluster, with the full path and
+    the content hash added; nothing is copied or moved.
     """
     names = _head_list(head, heads)
     _early_checks(obj, trained=tuple(names))
+    ray = _ray_options(obj, engine, address, gpus_per_worker, workers, batch_size)
+    if ray is not None:
+        if sidecar or dest or tta or dry_run or device:
+            raise HeadmasterError("--engine ray writes rows only (--format, --output); it takes no "
+                                  "--sidecar, --dest, --tta, --dry-run or --device")
+        return _classify_ray(obj, names, Path(src), fmt or "csv", output, overwrite, ray)
+    if fmt == "parquet" and output is None:
+        raise HeadmasterError("--format parquet writes a file: give --output FILE")
     rows_mode = heads is not None or fmt is not None or output is not None
     if sidecar and (fmt or output):
         raise HeadmasterError("--sidecar writes files beside the images; it cannot be combined with --format/--output")
@@ -602,6 +720,28 @@ def _classify_rows(c: Context, names: list[str], src: Path, fmt: str, output: st
     else:
         write_rows(rows, fmt, path=Path(output), overwrite=overwrite)
         click.echo(f"Wrote {len(rows)} rows ({', '.join(names)}) to {output}", err=True)
+
+
+def _classify_ray(obj: dict, names: list[str], src: Path, fmt: str, output: str | None, overwrite: bool,
+                  options) -> None:
+    from headmaster.embedding import require_ray
+    from headmaster.heads import full_prediction_rows, predict_heads_ray
+
+    if fmt == "parquet" and output is None:
+        raise HeadmasterError("--format parquet writes a file: give --output FILE")
+    if output is not None and Path(output).exists() and not overwrite:
+        raise HeadmasterError(f"{output} already exists (use --overwrite to replace it)")
+    require_ray()
+    with _context(obj, None, options.batch_size) as c:
+        report = predict_heads_ray(c, names, source_images(src), options)
+        _print_skipped(report.skipped, src)
+        rows = full_prediction_rows(report)
+        if output is None:
+            write_rows(rows, fmt, sys.stdout)
+        else:
+            write_rows(rows, fmt, path=Path(output), overwrite=overwrite)
+            click.echo(f"Wrote {len(rows)} rows ({', '.join(names)}) to {output}", err=True)
+        click.echo(report.embed.summary(report.model.name), err=True)
 
 
 def _classify_sidecars(c: Context, names: list[str], src: Path, kind: str, overwrite: bool, dry_run: bool,

@@ -235,6 +235,26 @@ class Store:
         self._write(f"INSERT OR REPLACE INTO {_vector_table(flipped)} (hash, model_id, vector) VALUES (?, ?, ?)",
                     [(h, model_id, vector_to_blob(v)) for h, v in items])
 
+    def vector_hashes(self, model_id: int) -> set[str]:
+        """Every content hash with a cached vector for `model_id` (what a cluster run's workers skip)."""
+        return {r[0] for r in self.conn.execute("SELECT hash FROM embeddings WHERE model_id = ?", (model_id,))}
+
+    def iter_vectors(self, model_id: int, chunk: int = 10_000) -> Iterator[list[tuple[str, bytes]]]:
+        """Every cached (hash, little-endian float32 blob) of `model_id`, in hash order, `chunk` rows at a time."""
+        after = ""
+        while True:
+            rows = self.conn.execute("SELECT hash, vector FROM embeddings WHERE model_id = ? AND hash > ? "
+                                     "ORDER BY hash LIMIT ?", (model_id, after, chunk)).fetchall()
+            if not rows:
+                return
+            yield rows
+            after = rows[-1][0]
+
+    def all_unusable(self, model_id: int, pillow: str) -> dict[str, str]:
+        """hash -> reason for every content `model_id` could not use with this Pillow version."""
+        return dict(self.conn.execute("SELECT hash, reason FROM unusable WHERE model_id = ? AND pillow = ?",
+                                      (model_id, pillow)))
+
     def unusable(self, model_id: int, hashes: Iterable[str], pillow: str) -> dict[str, str]:
         """hash -> why `model_id` could not use that content, as found with this Pillow version."""
         sql = "SELECT hash, reason FROM unusable WHERE model_id = ? AND pillow = ? AND hash IN ({marks})"

@@ -7,6 +7,8 @@ builtin.py     the built-in EfficientNet-Lite0 backbone, prepared offline from i
 backends.py    PyTorch or ONNX Runtime for a model on this machine (`--backend`)
 onnx/          the backbone exported once to ONNX and run on the CPU with ONNX Runtime
 pipeline.py    hash, decode and embed many files in batches; the vectors cached in headmaster.db
+ray_engine.py  the same on a Ray cluster (Ray Data: decode tasks, embedding actors), hm embed --engine ray
+vector_files.py  cached vectors as Parquet files (hm vectors export/import, hm embed --engine ray --out)
 cores.py       how many threads decode and how many the model gets; heap.py, freed memory given back
 registry.py    the registered models (hm model-add, model-list, ...); context.py, what every command needs
 
@@ -25,29 +27,44 @@ _EXPORTS = {
     "EmbedOptions": "context",
     "EmbedResult": "pipeline",
     "Embedder": "embedders",
+    "ExportReport": "vector_files",
     "INPUT_NAME": "onnx.runtime",
     "ImageError": "images",
+    "ImportReport": "vector_files",
     "PILLOW_VERSION": "pipeline",
     "PreprocessSpec": "onnx.preprocess",
+    "RayOptions": "ray_engine",
+    "RayPlan": "ray_engine",
+    "RayResult": "ray_engine",
     "Skipped": "pipeline",
+    "VectorWriter": "vector_files",
     "activate_model": "registry",
     "add_adapters": "adapted",
     "add_model": "registry",
+    "check_readable_on_workers": "ray_engine",
     "cpu_session": "onnx.runtime",
     "default_workers": "pipeline",
+    "describe_import": "vector_files",
     "embed_for": "pipeline",
+    "embed_for_ray": "ray_engine",
     "embed_paths": "pipeline",
+    "embed_paths_ray": "ray_engine",
     "export_module": "onnx.graph",
+    "export_vectors": "vector_files",
     "file_sha256": "images",
     "get_embedder": "embedders",
     "hash_paths": "pipeline",
+    "import_vectors": "vector_files",
     "load_embedder": "embedders",
     "load_image": "images",
     "ordered_map": "pipeline",
+    "plan_ray": "ray_engine",
+    "prepare_image": "pipeline",
     "probe_pixels": "onnx.backbone",
     "probe_size": "embedders",
     "progress_enabled": "pipeline",
     "release_freed_memory": "heap",
+    "require_ray": "ray_engine",
     "scan_paths": "pipeline",
     "spec_from_processor": "onnx.preprocess",
     "vectors_for": "pipeline",
@@ -67,8 +84,12 @@ if TYPE_CHECKING:
     from headmaster.embedding.onnx.preprocess import PreprocessSpec, spec_from_processor
     from headmaster.embedding.onnx.runtime import INPUT_NAME, cpu_session
     from headmaster.embedding.pipeline import (PILLOW_VERSION, EmbedResult, Skipped, default_workers, embed_for,
-                                               embed_paths, hash_paths, ordered_map, progress_enabled, scan_paths,
-                                               vectors_for, worker_setup)
+                                               embed_paths, hash_paths, ordered_map, prepare_image, progress_enabled,
+                                               scan_paths, vectors_for, worker_setup)
+    from headmaster.embedding.ray_engine import (RayOptions, RayPlan, RayResult, check_readable_on_workers,
+                                                 embed_for_ray, embed_paths_ray, plan_ray, require_ray)
+    from headmaster.embedding.vector_files import (ExportReport, ImportReport, VectorWriter, describe_import,
+                                                   export_vectors, import_vectors)
     from headmaster.embedding.registry import activate_model, add_model
 
 

@@ -130,9 +130,7 @@ class Embedder:
 
     def preprocess(self, images: list) -> np.ndarray:
         """The model's own preprocessing (resize, crop, normalise), as a float32 array (N, 3, H, W)."""
-        # "pt" is the one tensor type every processor returns (timm's wrapper refuses "np")
-        out = self.processor(images=images, return_tensors="pt")["pixel_values"]
-        return out.float().numpy()
+        return processor_pixels(self.processor, images)
 
     @torch.inference_mode()
     def embed_pixels(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -144,6 +142,12 @@ class Embedder:
             tensor = tensor.to(self.device)
         features = self.rule.extract(self.model, self.place(tensor))
         return features.float().cpu().numpy()
+
+
+def processor_pixels(processor: Any, images: list) -> np.ndarray:
+    """A Hugging Face image processor's output as a float32 array (N, 3, H, W)."""
+    # "pt" is the one tensor type every processor returns (timm's wrapper refuses "np")
+    return processor(images=images, return_tensors="pt")["pixel_values"].float().numpy()
 
 
 def processor_input_side(processor: Any) -> int:

@@ -239,22 +239,31 @@ def hash_paths(store: Store, paths: list[Path], workers: int | None = None
     return {p: hashes[p] for p in paths if p in hashes}, skipped, len(scan.to_read)
 
 
+def prepare_image(path: Path | str, side: int, preprocess: Callable[[list], np.ndarray], flip: bool = False,
+                  max_pixels: int | None = None) -> np.ndarray | ImageError:
+    """One file as the model's input array, or the ImageError saying why not: decoded no larger than needed
+    (JPEG DCT scaling to at least `side`, the bomb guard on decoded pixels with `max_pixels`), then the model's
+    own preprocessing. The Ray engine's decode tasks call this too, so both engines feed the model the same
+    arrays."""
+    try:
+        image = load_image(path, min_side=side, max_pixels=max_pixels)
+        if flip:
+            image = ImageOps.mirror(image)
+        return preprocess([image])[0]
+    except ImageError as e:
+        return e
+    except Exception as e:  # a processor failure on one odd image skips that image only
+        return ImageError(f"cannot preprocess ({type(e).__name__}: {e})")
+
+
 def _prepare(embedder: "Embedder", share: CoreShare, flip: bool = False, max_pixels: int | None = None
              ) -> Callable[[Path], np.ndarray | ImageError]:
-    """Decode no larger than needed (JPEG DCT scaling to at least the input side), then the model's own processor."""
+    """prepare_image with the embedder's input side and processor, taking turns with the forward pass."""
     side = embedder.input_side
 
     def prepare(path: Path) -> np.ndarray | ImageError:
         with share.working():
-            try:
-                image = load_image(path, min_side=side, max_pixels=max_pixels)
-                if flip:
-                    image = ImageOps.mirror(image)
-                return embedder.preprocess([image])[0]
-            except ImageError as e:
-                return e
-            except Exception as e:  # a processor failure on one odd image skips that image only
-                return ImageError(f"cannot preprocess ({type(e).__name__}: {e})")
+            return prepare_image(path, side, embedder.preprocess, flip, max_pixels)
 
     return prepare
 

@@ -8,6 +8,7 @@ checkpoint_files.py exporting and cleaning checkpoint files (hm export, hm clean
 arrays.py      scoring with numpy alone, and the uncertain rules every decision follows
 training.py    hm train: a head's labelled images embedded and a head trained on them
 sorting.py     hm classify: decisions for files, and placing copies or moves into bucket folders
+ray_classify.py  hm classify --engine ray: the heads' numpy scoring on the Ray engine's embedding actors
 output.py      rows out: an aligned table, CSV or JSON; status.py, what hm status shows
 tags.py        what a decision says as a tag: a binary head's name, a multi-class head's bucket (hm tag)
 export.py      hm export --format onnx: backbone and heads as one ONNX graph
@@ -24,31 +25,36 @@ from typing import TYPE_CHECKING, Any
 # name -> the module of this wing that defines it; imported on first use, so importing the wing costs nothing
 _EXPORTS = {
     "BINARY_MARGIN": "arrays",
+    "FILE_FORMATS": "output",
+    "FORMATS": "output",
+    "MULTICLASS_MIN_CONFIDENCE": "arrays",
+    "TAG_ROOT": "tags",
+    "UNCERTAIN": "arrays",
     "CheckpointCache": "checkpoint_meta",
     "Decision": "sorting",
-    "FORMATS": "output",
     "HeadMLP": "mlp",
     "HeadRules": "arrays",
-    "MULTICLASS_MIN_CONFIDENCE": "arrays",
+    "HeadScorer": "ray_classify",
     "MultiPrediction": "sorting",
-    "TAG_ROOT": "tags",
     "Tag": "tags",
     "TrainConfig": "base",
-    "TrainReport": "training",
     "TrainedHead": "base",
-    "UNCERTAIN": "arrays",
+    "TrainReport": "training",
     "binary_metrics": "base",
     "class_weights": "base",
     "classify_folder": "sorting",
     "cut_margin": "tags",
     "decide_paths": "sorting",
     "decide_with_cut": "tags",
+    "decisions_from_probs": "sorting",
     "describe_tags": "tags",
     "embed_for_scoring": "sorting",
     "embed_heads": "training",
     "export_onnx": "export",
+    "full_prediction_rows": "ray_classify",
     "head_fields": "checkpoint_meta",
     "head_from_checkpoint": "checkpoint",
+    "labelled_paths": "training",
     "labelled_rows": "training",
     "lay_out": "demo",
     "load_head": "checkpoint",
@@ -57,6 +63,7 @@ _EXPORTS = {
     "multiclass_metrics": "base",
     "positive_bucket": "tags",
     "predict_heads": "sorting",
+    "predict_heads_ray": "ray_classify",
     "prediction_rows": "sorting",
     "prepare_inputs": "base",
     "read_checkpoint": "checkpoint",
@@ -87,14 +94,15 @@ if TYPE_CHECKING:
     from headmaster.heads.demo import lay_out, run_demo
     from headmaster.heads.export import export_onnx
     from headmaster.heads.mlp import HeadMLP, train_head
-    from headmaster.heads.output import FORMATS, write_rows, write_text_atomic
+    from headmaster.heads.output import FILE_FORMATS, FORMATS, write_rows, write_text_atomic
     from headmaster.heads.prototypes import train_prototypes
-    from headmaster.heads.sorting import (Decision, MultiPrediction, classify_folder, decide_paths, embed_for_scoring,
-                                          load_heads, load_trained, predict_heads, prediction_rows, score_vectors,
-                                          source_images)
+    from headmaster.heads.ray_classify import HeadScorer, full_prediction_rows, predict_heads_ray
+    from headmaster.heads.sorting import (Decision, MultiPrediction, classify_folder, decide_paths,
+                                          decisions_from_probs, embed_for_scoring, load_heads, load_trained,
+                                          predict_heads, prediction_rows, score_vectors, source_images)
     from headmaster.heads.tags import (TAG_ROOT, Tag, cut_margin, decide_with_cut, describe_tags, positive_bucket,
                                        tag_for, tag_part)
-    from headmaster.heads.training import TrainReport, embed_heads, labelled_rows, train_one
+    from headmaster.heads.training import TrainReport, embed_heads, labelled_paths, labelled_rows, train_one
 
 
 def __getattr__(name: str) -> Any:

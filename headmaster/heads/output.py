@@ -19,6 +19,7 @@ from headmaster import HeadmasterError
 from headmaster.fileops import write_atomic
 
 FORMATS = ("table", "csv", "json")
+FILE_FORMATS = ("parquet",)  # written to a file only (hm classify --output)
 FLOAT_DIGITS = 4  # probabilities: four decimals are plenty to compare and sort by eye
 
 
@@ -112,6 +113,10 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
 def write_rows(rows: list[dict[str, Any]], fmt: str, stream: TextIO | None = None, path: Path | None = None,
                overwrite: bool = False) -> None:
     """Write to `path` (atomically; never over an existing file unless `overwrite`) or to `stream`."""
+    if fmt == "parquet":
+        if path is None:
+            raise HeadmasterError("--format parquet writes a file: give --output FILE")
+        return write_parquet_rows(rows, Path(path), overwrite)
     text = render(rows, fmt)
     if path is None:
         assert stream is not None
@@ -128,5 +133,21 @@ def write_text_atomic(path: Path, text: str, overwrite: bool = False) -> None:
     """Temp file in the same folder, fsynced, then renamed; without `overwrite` an existing file is kept."""
     try:
         write_atomic(path, lambda f: f.write(text.encode("utf-8")), replace=overwrite)
+    except FileExistsError:
+        raise HeadmasterError(f"{path} already exists (use --overwrite to replace it)") from None
+
+
+def write_parquet_rows(rows: list[dict[str, Any]], path: Path, overwrite: bool = False) -> None:
+    """The rows as one Parquet table, flattened into the CSV's columns (numbers stay numbers); atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.exists() and not overwrite:
+        raise HeadmasterError(f"{path} already exists (use --overwrite to replace it)")
+    flat = [flatten(r) for r in rows]
+    cols = columns_of(flat)
+    table = pa.table({c: [_json_ready(r.get(c)) for r in flat] for c in cols})
+    try:
+        write_atomic(path, lambda f: pq.write_table(table, f), replace=overwrite)
     except FileExistsError:
         raise HeadmasterError(f"{path} already exists (use --overwrite to replace it)") from None

@@ -112,9 +112,14 @@ def score_vectors(trained: Scorer, paths: list[Path], vectors: dict[Path, np.nda
     ordered = [p for p in paths if p in vectors]
     if not ordered:
         return []
-    probs = trained.predict_proba(np.stack([vectors[p] for p in ordered]))
+    return decisions_from_probs(trained, ordered, hashes, trained.predict_proba(np.stack([vectors[p] for p in ordered])))
+
+
+def decisions_from_probs(trained: Scorer, paths: list[Path], hashes: dict[Path, str], probs: np.ndarray
+                         ) -> list[Decision]:
+    """The head's decision for each path from its probabilities (one row per path, columns in class order)."""
     return [Decision(p, hashes[p], bucket, score, {c: float(v) for c, v in zip(trained.classes, row)})
-            for p, row, (bucket, score) in zip(ordered, probs, trained.decide(probs))]
+            for p, row, (bucket, score) in zip(paths, probs, trained.decide(probs))]
 
 
 def decide_paths(ctx: Context, trained: Scorer, model: Model, paths: list[Path],

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -85,13 +85,22 @@ def head_names(ctx: Context, head: str | None) -> list[str]:
     return ctx.workspace.heads_to_use(head)
 
 
-def embed_heads(ctx: Context, head: str | None = None, label: str = "Embedding") -> EmbedReport:
-    """Embed every image of one head, or of all heads, with the active model."""
+def labelled_paths(ctx: Context, head: str | None = None) -> list[Path]:
+    """Every labelled image of one head, or of all heads: what `hm embed` embeds."""
+    return [p for n in head_names(ctx, head) for p, _ in ctx.workspace.head(n).labelled_images()]
+
+
+def embed_heads(ctx: Context, head: str | None = None, label: str = "Embedding",
+                engine: Callable[..., EmbedResult] | None = None) -> EmbedReport:
+    """Embed every image of one head, or of all heads, with the active model.
+
+    `engine` replaces embed_for (same arguments, an EmbedResult back): the Ray engine, say.
+    """
     names = head_names(ctx, head)  # workspace mistakes first: they need no model
     sets = [ctx.workspace.head(n) for n in names]
     model = ctx.active_model()
     paths = [p for s in sets for p, _ in s.labelled_images()]
-    result = embed_for(ctx, model, paths, label)
+    result = (engine or embed_for)(ctx, model, paths, label)
     report = EmbedReport(model, result, names, ignored=sum(s.ignored for s in sets))
     for s in sets:
         errors, warnings = s.problems()
