@@ -371,8 +371,8 @@ def embed(obj, head, device, batch_size, workers) -> None:
               help="mlp: the seed's trained MLP. linear: one linear layer on the same inputs (a logistic "
                    "regression started from the class prototypes). prototype: one mean vector per class, cosine "
                    "similarity, no training (--epochs and --lr do not apply). auto: each kind scored on the same "
-                   "repeated out-of-fold splits as `hm evaluate`, the best trained on all images (ties go to the "
-                   "simpler kind). Default: the kind of the head's current checkpoint, else mlp.")
+                   "repeated out-of-fold splits as `hm evaluate`, the simplest within one standard error of the best "
+                   "trained on all images. Default: the kind of the head's current checkpoint, else mlp.")
 @click.option("--max-error", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               metavar="E", help="Choose the uncertain cut from out-of-fold scores so that, of the images the head "
                                 "decides, at most this share is wrong (the one-sided 95% Clopper-Pearson bound, "

@@ -243,3 +243,18 @@ def test_warm_start_reuses_the_previous_weights_only_for_the_same_buckets(clip_c
     warm = warm_config(TrainConfig(warm_start=True), previous, ["blue", "red"], previous["input_dim"])
     assert warm.init_state is previous["model_state_dict"]
     assert warm_config(TrainConfig(), previous, ["blue", "green", "red"], previous["input_dim"]).init_state is None
+
+
+def test_a_warm_auto_retrain_keeps_the_last_choice_until_the_head_grows():
+    x, y, _ = blobs(20, 2)
+    first = train_vectors("h", ["a", "b"], x, y, {}, "m", "auto", TrainConfig(kind="auto", epochs=5))
+    selection = first.checkpoint["metadata"]["selection"]
+    assert selection["images"] == 40
+    selection = dict(selection, chosen="linear")  # as if linear had won last time
+    few_more = train_vectors("h", ["a", "b"], x, y, {}, "m", "auto",
+                             TrainConfig(kind="auto", previous_selection=selection))
+    assert few_more.checkpoint["kind"] == "linear" and few_more.checkpoint["metadata"]["selection"]["chosen"] == "linear"
+    x2, y2, _ = blobs(30, 2)  # 60 images: grown by half, compare again
+    grown = train_vectors("h", ["a", "b"], x2, y2, {}, "m", "auto",
+                          TrainConfig(kind="auto", epochs=5, previous_selection=selection))
+    assert grown.checkpoint["metadata"]["selection"]["images"] == 60

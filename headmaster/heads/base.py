@@ -34,6 +34,7 @@ class TrainConfig:
     max_error: float | None = None  # choose the uncertain cut so at most this share of decided images is wrong
     warm_start: bool = False  # start from the previous checkpoint's weights when its kind and classes are the same
     init_state: dict[str, Any] | None = field(default=None, repr=False, compare=False)  # those weights (training.py)
+    previous_selection: dict[str, Any] | None = field(default=None, repr=False, compare=False)  # warm auto: reused
 
 
 class Adam:

@@ -182,10 +182,13 @@ def train_one(ctx: Context, head: str, config: "TrainConfig | None" = None) -> T
 
 
 def warm_config(config: "TrainConfig", previous: dict | None, classes: list[str], input_dim: int) -> "TrainConfig":
-    """`config` with the previous MLP's weights to start from, when the buckets and dimensions are unchanged."""
+    """`config` with the previous MLP's weights to start from, and auto's last choice, when the buckets and
+    dimensions are unchanged."""
     from dataclasses import replace
 
-    if previous is None or previous.get("kind", "mlp") != "mlp" or list(previous["classes"]) != classes \
-            or int(previous["input_dim"]) != input_dim:
+    if previous is None or list(previous["classes"]) != classes or int(previous["input_dim"]) != input_dim:
+        return config
+    config = replace(config, previous_selection=previous.get("metadata", {}).get("selection"))
+    if previous.get("kind", "mlp") != "mlp":
         return config
     return replace(config, init_state=previous["model_state_dict"])
