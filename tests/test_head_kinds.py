@@ -258,3 +258,9 @@ def test_a_warm_auto_retrain_keeps_the_last_choice_until_the_head_grows():
     grown = train_vectors("h", ["a", "b"], x2, y2, {}, "m", "auto",
                           TrainConfig(kind="auto", epochs=5, previous_selection=selection))
     assert grown.checkpoint["metadata"]["selection"]["images"] == 60
+
+
+def test_the_mlp_sits_out_while_a_bucket_has_two_images():
+    x, y, _ = blobs(2, 4)
+    comparison = compare_kinds(list("abcd"), x, y, TrainConfig(epochs=5), repeats=3)
+    assert set(comparison.scores) == {"prototype", "linear"}

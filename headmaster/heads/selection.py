@@ -3,7 +3,10 @@
 The kinds (prototype, linear, mlp: simplest first) are fitted on the same stratified random splits
 `hm evaluate` uses (heads/folds.py) and scored on the held-out part; the simplest kind within one
 standard error of the best mean accuracy wins (the one-standard-error rule; never less than TIE), so
-where a few photos make the scores noisy a simpler kind is kept. A head with a bucket of one image cannot be split: it gets a
+where a few photos make the scores noisy a simpler kind is kept. The MLP sits out while a bucket has
+fewer than MLP_MIN_IMAGES: a fold would train it without a validation part (every image of a class of
+one goes to training), unlike the head that is then trained on all of them, so its fold scores would
+not describe that head (2 photos a class: auto picked the MLP 5 times in 10 and lost 4 points). A head with a bucket of one image cannot be split: it gets a
 prototype head, the kind that needs no held-out data. The comparison goes into the checkpoint's
 metadata["selection"] as plain numbers (`hm status --head` prints it). It takes vectors, never reads
 images.
@@ -23,6 +26,7 @@ from headmaster.heads.cuts import ErrorCut, apply_cut, choose_cut, per_image_sco
 from headmaster.heads.folds import TRAINERS, Interval, SplitRun, repeated_splits
 
 TIE = 0.005  # accuracy differences below half a point are ties
+MLP_MIN_IMAGES = 3  # per bucket, for the MLP to be compared at all
 REUSE_GROWTH = 1.25  # a warm retrain keeps auto's last choice until the head has grown by a quarter
 TEST_SIZE = 0.2
 
@@ -61,6 +65,8 @@ def compare_kinds(classes: list[str], vectors: np.ndarray, labels: np.ndarray, c
         return Comparison("prototype", reason="a bucket has a single image, so no split can hold it out")
     repeats = repeats or fold_repeats(len(labels))
     comparison = Comparison("", repeats=repeats, images=len(labels))
+    if int(np.bincount(labels).min()) < MLP_MIN_IMAGES and len(kinds) > 1:
+        kinds = tuple(k for k in kinds if k != "mlp")
     for kind in kinds:
         runs = repeated_splits(kind, classes, vectors, labels, repeats, TEST_SIZE, config.seed, fold_config(config))
         comparison.runs[kind] = runs

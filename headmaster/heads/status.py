@@ -119,9 +119,9 @@ def format_status_detail(s: HeadStatus, heads_dir: Path) -> str:
         from headmaster.heads.checkpoint_meta import auto_suggestion, describe_goal, describe_selection
 
         meta = ck.get("metadata", {})
-        if ck.get("margin") is not None:
+        if meta.get("error_goal") and ck.get("margin") is not None:
             lines.append(f"Uncertain band: ±{float(ck['margin']):.2f} around the threshold")
-        if ck.get("min_confidence") is not None and s.head_type != "binary":
+        if meta.get("error_goal") and ck.get("min_confidence") is not None and s.head_type != "binary":
             lines.append(f"Minimum confidence: {float(ck['min_confidence']):.2f}")
         if meta.get("selection"):
             lines.append(f"Selection: {describe_selection(meta['selection'])}")
