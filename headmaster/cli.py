@@ -57,6 +57,8 @@ confusion_matrix = lazy("headmaster.evaluation", "confusion_matrix")
 format_confusion = lazy("headmaster.evaluation", "format_confusion")
 plot_confusion = lazy("headmaster.evaluation", "plot_confusion")
 TrainConfig = lazy("headmaster.heads", "TrainConfig")
+describe_goal = lazy("headmaster.heads", "describe_goal")
+describe_selection = lazy("headmaster.heads", "describe_selection")
 evaluate_head = lazy("headmaster.evaluation", "evaluate_head")
 format_evaluation = lazy("headmaster.evaluation", "format_evaluation")
 parse_kinds = lazy("headmaster.evaluation", "parse_kinds")
@@ -477,14 +479,22 @@ def vectors_import(obj, src) -> None:
 @click.option("--epochs", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the split and the weights.")
-@click.option("--kind", type=click.Choice(["mlp", "prototype"]), default=None,
-              help="mlp: the seed's trained MLP. prototype: one mean vector per class, cosine similarity, "
-                   "no training (--epochs and --lr do not apply). Default: the kind of the head's current "
-                   "checkpoint, else mlp.")
+@click.option("--kind", type=click.Choice(["mlp", "linear", "prototype", "auto"]), default=None,
+              help="mlp: the seed's trained MLP. linear: one linear layer on the same inputs (a logistic "
+                   "regression started from the class prototypes). prototype: one mean vector per class, cosine "
+                   "similarity, no training (--epochs and --lr do not apply). auto: each kind scored on the same "
+                   "repeated out-of-fold splits as `hm evaluate`, the simplest within one standard error of the best "
+                   "trained on all images. Default: the kind of the head's current checkpoint, else mlp.")
+@click.option("--max-error", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              metavar="E", help="Choose the uncertain cut from out-of-fold scores so that, of the images the head "
+                                "decides, at most this share is wrong (the one-sided 95% Clopper-Pearson bound, "
+                                "tested cut by cut from the strictest; binary: a band around the threshold, "
+                                "multi-class: a minimum confidence). What it cannot decide goes to uncertain/; "
+                                "when no cut reaches the goal the head sorts nothing.")
 @embed_options
 @click.pass_obj
 @user_errors
-def train(obj, head, threshold, epochs, lr, seed, kind, device, batch_size, workers) -> None:
+def train(obj, head, threshold, epochs, lr, seed, kind, max_error, device, batch_size, workers) -> None:
     """Embed, then train heads and write out/<head>.pt."""
     failed = 0
     with _context(obj, device, batch_size, workers) as c:
@@ -492,7 +502,8 @@ def train(obj, head, threshold, epochs, lr, seed, kind, device, batch_size, work
         for name in names:
             try:
                 c.workspace.head(name).check()  # a bad head is refused before torch loads
-                config = TrainConfig(epochs=epochs, lr=lr, seed=seed, threshold=threshold, kind=kind)
+                config = TrainConfig(epochs=epochs, lr=lr, seed=seed, threshold=threshold, kind=kind,
+                                     max_error=max_error)
                 r = train_one(c, name, config)
             except HeadmasterError as e:
                 if head is not None:
@@ -518,9 +529,13 @@ def _print_trained(r, c: Context) -> None:
     else:
         macro = sum(v["f1"] for v in m["per_class"].values()) / len(m["per_class"])
         score = f"accuracy {m['accuracy']:.2f}, macro F1 {macro:.2f}"
-    shown_type = r.head_type + (" prototype" if r.kind == "prototype" else "")
+    shown_type = r.head_type + (f" {r.kind}" if r.kind != "mlp" else "")
     click.echo(f"Trained {r.head} ({shown_type}, {len(r.classes)} classes, {r.images} images: "
                f"{r.train_count} train / {r.val_count} validation): {score} -> {_shown(r.checkpoint_path)}")
+    if r.selection:
+        click.echo("  " + describe_selection(r.selection))
+    if r.error_goal:
+        click.echo("  " + describe_goal(r.error_goal))
 
 
 @cli.command()

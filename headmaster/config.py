@@ -50,11 +50,16 @@ class InboxConfig:
     dry_run: bool = False  # log each decision (file, bucket, score) and move nothing
 
 
+TRAIN_KINDS = ("mlp", "linear", "prototype", "auto")  # [training] kind: headmaster.heads (checkpoint.HEAD_KINDS + auto)
+
+
 @dataclass
 class TrainingConfig:
     epochs: int = 50
     lr: float = 1e-3
     seed: int = 0
+    kind: str = "auto"  # the kind every retrain makes; auto: the best out of fold (hm train --kind auto)
+    max_error: float = 0.0  # >0: the uncertain cut keeps this share of sorted photos wrong at most (--max-error)
 
 
 @dataclass
@@ -198,6 +203,11 @@ def _check_values(config: Config, where: str) -> None:
         raise HeadmasterError(f"{where}: 'training.epochs' must be at least 1, got {t.epochs}")
     if t.lr <= 0:
         raise HeadmasterError(f"{where}: 'training.lr' must be above 0, got {t.lr}")
+    if t.kind not in TRAIN_KINDS:
+        raise HeadmasterError(f"{where}: 'training.kind' must be one of {', '.join(TRAIN_KINDS)}, got {t.kind!r}")
+    if not 0 <= t.max_error < 1:
+        raise HeadmasterError(f"{where}: 'training.max_error' must be 0 (off) or a share below 1, "
+                              f"got {t.max_error}")
     if config.embedding.backend not in BACKENDS:
         raise HeadmasterError(f"{where}: 'embedding.backend' must be one of {', '.join(BACKENDS)}, "
                               f"got {config.embedding.backend!r}")

@@ -95,6 +95,9 @@ def format_status(s: dict[str, Any]) -> str:
                          f"({h.get('corrections', 0)} since start)")
         if h.get("error"):
             lines.append(f"{name}: {h['error']}")
+        for key in ("selection", "sorts"):  # --kind auto's choice, --max-error's promise
+            if h.get(key):
+                lines.append(f"{name}: {h[key]}")
     return "\n".join(lines)
 
 

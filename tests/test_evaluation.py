@@ -17,10 +17,10 @@ from headmaster.cli import cli
 from headmaster.embedding import add_model
 from headmaster.evaluation.calibration import calibrate_head, choose_threshold, out_of_fold, threshold_rows
 from headmaster.evaluation.comparison import compare_models, format_comparison
-from headmaster.evaluation.repeated import (Interval, cumulative_accuracy, evaluate_vectors, fit_logreg,
-                                            format_evaluation, t_quantile_975)
-from headmaster.heads import (TrainConfig, binary_metrics, decide_paths, head_from_checkpoint, load_head, load_trained,
-                              read_checkpoint, save_checkpoint, train_head, train_one)
+from headmaster.evaluation.repeated import cumulative_accuracy, evaluate_vectors, format_evaluation
+from headmaster.heads import (Interval, TrainConfig, binary_metrics, decide_paths, fit_logreg, head_from_checkpoint,
+                              load_head, load_trained, read_checkpoint, save_checkpoint, t_quantile_975, train_head,
+                              train_one)
 from headmaster.heads.prototypes import PrototypeHead
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -18,8 +18,8 @@ from helpers import colour_image, fill_bucket
 
 from headmaster import HeadmasterError
 from headmaster.cli import cli
-from headmaster.embedding import (Context, EmbedOptions, RayOptions, add_model, check_readable_on_workers,
-                                  embed_paths, embed_paths_ray, require_ray)
+from headmaster.embedding import (Context, EmbedOptions, RayOptions, add_model, check_readable_on_workers, embed_paths,
+                                  embed_paths_ray, require_ray)
 from headmaster.store import Store
 
 

@@ -32,8 +32,8 @@ from headmaster.curation.sidecars import sidecar_paths
 from headmaster.curation.xmp import HeadRecord, SidecarError, merge_sidecar_tags, write_sidecar
 from headmaster.embedding import Context, EmbedResult, Skipped, progress_enabled
 from headmaster.fileops import fsync_dir, write_atomic
-from headmaster.heads import (HeadRules, Tag, cut_margin, decide_with_cut, embed_for_scoring, load_heads,
-                              score_vectors, tag_for)
+from headmaster.heads import (HeadRules, Tag, cut_margin, decide_with_cut, embed_for_scoring, load_heads, score_vectors,
+                              tag_for)
 from headmaster.store import Store
 from headmaster.workspace import is_image_name
 

@@ -13,7 +13,8 @@ out/ are written by `train` (atomically, as `hm train` does).
 
 Operations (OPS below), each a plain function of keyword arguments returning JSON data:
   embed(paths)                      cache the vectors of these images
-  train(head, epochs, lr, seed)     train and save out/<head>.pt
+  train(head, epochs, lr, seed, kind, max_error)  train and save out/<head>.pt ([training] kind, max_error
+                                    from the config when not given; a warm start when the buckets are the same)
   decide(head, paths)               a verdict per file: bucket, hash, score, or why it is unusable
   rank_uncertain(head, limit)       classified/<head>/uncertain/ by margin (as `hmctl uncertain`)
   default_model()                   the active model; registers the built-in backbone when none is
@@ -102,16 +103,26 @@ class Worker:
         notices, self._notices[:] = list(self._notices), []
         return {"model": name, "notices": notices}
 
-    def train(self, head: str, epochs: int, lr: float, seed: int) -> dict[str, Any]:
+    def train(self, head: str, epochs: int, lr: float, seed: int, kind: str | None = None,
+              max_error: float | None = None) -> dict[str, Any]:
+        """Train as `hm train` does, with the config's `[training] kind` and `max_error` unless given: the goal
+        holds across every retrain. An MLP starts from the previous weights when the buckets are unchanged."""
+        from headmaster.config import load_config
         from headmaster.embedding import release_freed_memory
         from headmaster.heads import TrainConfig, train_one
 
+        if kind is None or max_error is None:
+            training = load_config(None, self.ctx.workspace.root).training  # $HEADMASTER_CONFIG or the workspace's
+            kind = training.kind if kind is None else kind
+            max_error = training.max_error if max_error is None else max_error
+        config = TrainConfig(epochs=epochs, lr=lr, seed=seed, kind=kind, max_error=max_error or None, warm_start=True)
         try:
-            report = train_one(self.ctx, head, TrainConfig(epochs=epochs, lr=lr, seed=seed))
+            report = train_one(self.ctx, head, config)
         finally:
             release_freed_memory()  # the worker may idle after this: give training's freed memory back
         self._trained.pop(head, None)
-        return {"head_type": report.head_type, "images": report.images, "metrics": report.metrics}
+        return {"head_type": report.head_type, "images": report.images, "metrics": report.metrics,
+                "kind": report.kind, "selection": report.selection, "error_goal": report.error_goal}
 
     def decide(self, head: str, paths: list[str]) -> dict[str, Any]:
         from headmaster.heads import decide_paths

@@ -88,9 +88,9 @@ if TYPE_CHECKING:
                                                scan_paths, vectors_for, worker_setup)
     from headmaster.embedding.ray_engine import (RayOptions, RayPlan, RayResult, check_readable_on_workers,
                                                  embed_for_ray, embed_paths_ray, plan_ray, require_ray)
+    from headmaster.embedding.registry import activate_model, add_model
     from headmaster.embedding.vector_files import (ExportReport, ImportReport, VectorWriter, describe_import,
                                                    export_vectors, import_vectors)
-    from headmaster.embedding.registry import activate_model, add_model
 
 
 def __getattr__(name: str) -> Any:

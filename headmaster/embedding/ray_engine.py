@@ -34,8 +34,8 @@ import numpy as np
 from headmaster import HeadmasterError
 from headmaster.embedding.backends import backend_embedder, check_backend
 from headmaster.embedding.images import ImageError, ImageUnavailable, file_sha256
-from headmaster.embedding.pipeline import (PILLOW_VERSION, EmbedResult, Skipped, index_key, prepare_image,
-                                           progress_enabled, scan_paths)
+from headmaster.embedding.pipeline import (PILLOW_VERSION, EmbedResult, Skipped, prepare_image, progress_enabled,
+                                           scan_paths)
 from headmaster.store import FileRecord, Model, Store
 
 if TYPE_CHECKING:

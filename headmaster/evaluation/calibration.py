@@ -18,9 +18,9 @@ import numpy as np
 
 from headmaster import HeadmasterError
 from headmaster.embedding import Context
-from headmaster.evaluation.repeated import head_vectors, repeated_splits
+from headmaster.evaluation.repeated import head_vectors
 from headmaster.heads import (BINARY_MARGIN, MULTICLASS_MIN_CONFIDENCE, binary_metrics, load_trained, read_checkpoint,
-                              save_checkpoint)
+                              repeated_splits, save_checkpoint)
 
 THRESHOLDS = np.round(np.arange(0.01, 1.0, 0.01), 2)
 SHOWN_THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)

@@ -3,7 +3,7 @@
 A checkpoint is a torch file, but scoring needs only a few small matrices. `sorting.load_array_head`
 keeps a numpy copy of every checkpoint it reads (and `checkpoint.save_checkpoint` writes one) in the
 user cache, keyed by the checkpoint's SHA-256, so `hm classify` with the ONNX Runtime backend never
-imports torch. The arithmetic is HeadMLP's and PrototypeHead's forward pass, written out in float32.
+imports torch. The arithmetic is HeadMLP's, LinearHead's and PrototypeHead's forward pass, in float32.
 
 This module imports neither torch nor transformers, and nothing else of the heads wing.
 """
@@ -46,6 +46,12 @@ class HeadRules:
         return MULTICLASS_MIN_CONFIDENCE if c is None else float(c)
 
     @property
+    def margin(self) -> float:
+        """Binary uncertainty band: the checkpoint's `margin` (hm train --max-error), else 0.1."""
+        m = self.checkpoint.get("margin")
+        return BINARY_MARGIN if m is None else float(m)
+
+    @property
     def type(self) -> str:
         return self.checkpoint["type"]
 
@@ -73,15 +79,15 @@ class HeadRules:
     def decide(self, probs: np.ndarray) -> list[tuple[str, float]]:
         """(bucket or 'uncertain', score) per row: the seed's two uncertainty rules.
 
-        Binary: the score is the probability of classes[1], uncertain within 0.1 of the
-        threshold. Multi-class: the score is the top probability, uncertain below
+        Binary: the score is the probability of classes[1], uncertain within `margin` (0.1 unless
+        the checkpoint stores another) of the threshold. Multi-class: the score is the top probability, uncertain below
         `min_confidence` (0.5 unless the checkpoint stores another cut).
         """
         out: list[tuple[str, float]] = []
         for row in probs:
             if self.type == "binary":
                 p, t = float(row[1]), self.threshold if self.threshold is not None else 0.5
-                label = UNCERTAIN if abs(p - t) <= BINARY_MARGIN else self.classes[int(p >= t)]
+                label = UNCERTAIN if abs(p - t) <= self.margin else self.classes[int(p >= t)]
                 out.append((label, p))
             else:
                 i = int(np.argmax(row))
@@ -112,7 +118,7 @@ class HeadRules:
         """The rule as data (the ONNX export's JSON)."""
         if self.type == "binary":
             return {"rule": "binary_margin", "threshold": self.threshold if self.threshold is not None else 0.5,
-                    "margin": BINARY_MARGIN}
+                    "margin": self.margin}
         return {"rule": "min_confidence", "min_confidence": self.min_confidence}
 
 
@@ -142,6 +148,8 @@ class ArrayHead(HeadRules):
             sims = _unit_rows(x) @ _unit_rows(a["prototypes"]).T / a["temperature"].astype(np.float32)
             return (sims[:, 1] - sims[:, 0])[:, None] if sims.shape[1] == 2 else sims
         h = (_unit_rows(x) - a["input_mean"]) * np.float32(math.sqrt(x.shape[1]))
+        if self.kind == "linear":
+            return h @ a["linear.weight"].T + a["linear.bias"]
         h = np.maximum(h @ a["net.0.weight"].T + a["net.0.bias"], 0)
         h = np.maximum(h @ a["net.3.weight"].T + a["net.3.bias"], 0)
         return h @ a["net.6.weight"].T + a["net.6.bias"]

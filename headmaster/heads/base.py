@@ -29,7 +29,48 @@ class TrainConfig:
     val_fraction: float = 0.2
     seed: int = 0
     threshold: float | None = None  # binary only: overrides the F1 sweep
-    kind: str | None = None  # a checkpoint kind (checkpoint.HEAD_KINDS); None: keep the checkpoint's kind, else mlp
+    kind: str | None = None  # a checkpoint kind (checkpoint.HEAD_KINDS) or "auto"; None: keep the checkpoint's, else mlp
+    patience: int | None = 5  # mlp: stop after this many epochs without a better validation score (None: never)
+    max_error: float | None = None  # choose the uncertain cut so at most this share of decided images is wrong
+    warm_start: bool = False  # start from the previous checkpoint's weights when its kind and classes are the same
+    init_state: dict[str, Any] | None = field(default=None, repr=False, compare=False)  # those weights (training.py)
+    previous_selection: dict[str, Any] | None = field(default=None, repr=False, compare=False)  # warm auto: reused
+
+
+class Adam:
+    """torch.optim.Adam's update (no weight decay, no amsgrad), written out.
+
+    torch.optim's Optimizer imports torch._dynamo, the compiler stack, on first use: seconds of start-up
+    that a 20-second retrain of a small head should not pay.
+    """
+
+    def __init__(self, params: list[torch.Tensor], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8):
+        self.params, self.lr, self.betas, self.eps, self.t = list(params), lr, betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1 ** self.t, math.sqrt(1 - b2 ** self.t)
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        params, grads = [self.params[i] for i in live], [self.params[i].grad for i in live]
+        m, v = [self.m[i] for i in live], [self.v[i] for i in live]
+        # one kernel call per operation for all tensors (torch's foreach ops: no compiler involved)
+        torch._foreach_mul_(m, b1)
+        torch._foreach_add_(m, grads, alpha=1 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, c2)
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(params, m, denom, value=-self.lr / c1)
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from headmaster import HeadmasterError
 from headmaster.fileops import write_atomic
 from headmaster.heads.arrays import write_arrays
 from headmaster.heads.base import TrainedHead
+from headmaster.heads.linear import LinearHead
 from headmaster.heads.mlp import HeadMLP
 from headmaster.heads.prototypes import PrototypeHead
 
@@ -31,8 +32,14 @@ def _empty_prototypes(checkpoint: dict[str, Any]) -> nn.Module:
     return PrototypeHead.empty(int(checkpoint["input_dim"]), len(checkpoint["classes"]))
 
 
+def _empty_linear(checkpoint: dict[str, Any]) -> nn.Module:
+    n_classes = len(checkpoint["classes"])
+    return LinearHead(int(checkpoint["input_dim"]), 1 if checkpoint["type"] == "binary" else n_classes)
+
+
 # checkpoint "kind" -> the empty module its state dict loads into
-HEAD_KINDS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {"mlp": _empty_mlp, "prototype": _empty_prototypes}
+HEAD_KINDS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {"mlp": _empty_mlp, "prototype": _empty_prototypes,
+                                                                "linear": _empty_linear}
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:

@@ -29,6 +29,7 @@ from headmaster import HeadmasterError
 from headmaster.workspace import LabelledSet
 
 REQUIRED = ("type", "input_dim", "model", "model_state_dict", "classes")
+SUGGEST_AUTO = 0.02  # hm status suggests --kind auto when the MLP trails another kind by more than this
 MAX_PICKLE_BYTES = 64 * 1024 * 1024  # the metadata pickle of a head is a few kB; refuse absurd ones
 
 
@@ -125,7 +126,8 @@ class CheckpointCache:
                        "classes": list(ck["classes"]),
                        "threshold": ck.get("threshold"), "min_confidence": ck.get("min_confidence"),
                        "created_at": meta.get("created_at"),
-                       "metrics": meta.get("metrics", {})}
+                       "metrics": meta.get("metrics", {}), "selection": meta.get("selection"),
+                       "comparison": meta.get("comparison"), "error_goal": meta.get("error_goal")}
         with self.lock:
             self.entries[path] = (key, summary)
         return summary
@@ -144,4 +146,43 @@ def head_fields(labelled: LabelledSet, ck: dict) -> dict:
         "threshold": ck.get("threshold"),
         "metrics": ck.get("metrics", {}),
         "error": ck.get("error"),
+        "error_goal": ck.get("error_goal"),  # hm train --max-error: the goal, the measured error and coverage
+        "sorts": describe_goal(ck["error_goal"]) if ck.get("error_goal") else None,
+        "selection": describe_selection(ck["selection"]) if ck.get("selection") else None,
+        "suggestion": auto_suggestion(ck.get("kind") or "mlp", ck.get("comparison")),
     }
+
+
+# -- what the metadata says, in words (hm status, hmctl status, the page) ---------------------------------------
+
+def describe_goal(goal: dict[str, Any]) -> str:
+    """'sorts ~87% of new photos with ≤ 2% wrong (out of fold)', or why it sorts nothing."""
+    pct = f"{goal['max_error'] * 100:g}%"
+    if not goal.get("reached"):
+        return f"sorts nothing: no cut keeps errors ≤ {pct} (out of fold); every photo goes to uncertain/"
+    return f"sorts ~{goal['coverage'] * 100:.0f}% of new photos with ≤ {pct} wrong (out of fold)"
+
+
+def describe_selection(selection: dict[str, Any]) -> str:
+    """'auto chose linear: 0.76 ± 0.02 out-of-fold; mlp 0.69, prototype 0.75'."""
+    chosen, scores = selection.get("chosen", "?"), selection.get("scores") or {}
+    if not scores:
+        return f"auto chose {chosen}: {selection.get('reason') or 'nothing to compare'}"
+    s = scores[chosen]
+    hw = "" if s.get("half_width") is None else f" ± {s['half_width']:.2f}"
+    others = ", ".join(f"{k} {v['mean']:.2f}" for k, v in scores.items() if k != chosen)
+    return f"auto chose {chosen}: {s['mean']:.2f}{hw} out-of-fold" + (f"; {others}" if others else "")
+
+
+def auto_suggestion(kind: str, selection: dict[str, Any] | None) -> str | None:
+    """A hint when an MLP head trails another kind by more than SUGGEST_AUTO out of fold."""
+    scores = (selection or {}).get("scores") or {}
+    if kind != "mlp" or "mlp" not in scores:
+        return None
+    best_kind = max(scores, key=lambda k: scores[k]["mean"])
+    gap = scores[best_kind]["mean"] - scores["mlp"]["mean"]
+    if gap > SUGGEST_AUTO:
+        return (f"{best_kind} beats this MLP by {gap * 100:.0f} points out of fold: "
+                f"try `hm train --kind auto`")
+    return None
+

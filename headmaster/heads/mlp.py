@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from headmaster.heads.base import (TrainConfig, TrainOutcome, assemble_checkpoint, best_f1_threshold, class_weights,
-                                   training_split, unit_rows)
+from headmaster.heads.base import (Adam, TrainConfig, TrainOutcome, assemble_checkpoint, best_f1_threshold,
+                                   class_weights, training_split, unit_rows)
 
 
 class HeadMLP(nn.Module):
@@ -32,8 +32,11 @@ class HeadMLP(nn.Module):
             nn.Linear(128, outputs),
         )
 
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return (unit_rows(x) - self.input_mean) * math.sqrt(x.shape[1])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((unit_rows(x) - self.input_mean) * math.sqrt(x.shape[1]))
+        return self.net(self.normalise(x))
 
 
 def _fit(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
@@ -41,9 +44,13 @@ def _fit(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_va
     binary = n_classes == 2
     torch.manual_seed(config.seed)
     module = HeadMLP(x_train.shape[1], 1 if binary else n_classes)
+    if config.init_state is not None:  # a warm start: the previous head's weights, same classes
+        module.load_state_dict(config.init_state)
     module.input_mean.copy_(unit_rows(x_train).mean(dim=0))
-    optimiser = torch.optim.Adam(module.parameters(), lr=config.lr)
+    optimiser = Adam(list(module.parameters()), lr=config.lr)
     w = torch.as_tensor(weights)
+
+    z_train, z_val = module.normalise(x_train), module.normalise(x_val)  # once, not per batch
 
     def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if binary:
@@ -58,24 +65,28 @@ def _fit(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_va
         return float((pred == y).float().mean())
 
     generator = torch.Generator().manual_seed(config.seed)
-    best_state, best_key = None, (-math.inf, -math.inf)
+    best_state, best_key, since_best = None, (-math.inf, -math.inf), 0
     for _ in range(config.epochs):
         module.train()
         order = torch.randperm(len(x_train), generator=generator)
         for start in range(0, len(order), config.batch_size):
             idx = order[start : start + config.batch_size]
             optimiser.zero_grad()
-            loss = loss_fn(module(x_train[idx]), y_train[idx])
+            loss = loss_fn(module.net(z_train[idx]), y_train[idx])
             loss.backward()
             optimiser.step()
         module.eval()
         with torch.no_grad():
-            logits = module(x_val)
+            logits = module.net(z_val)
             # best validation epoch: highest accuracy, ties to the lower loss (loss alone stops too early)
             key = (accuracy(logits, y_val), -float(loss_fn(logits, y_val)))
         if key > best_key:
-            best_key = key
+            best_key, since_best = key, 0
             best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        else:
+            since_best += 1
+            if config.patience is not None and since_best >= config.patience:
+                break  # the best epoch is kept; more epochs rarely find a better one
     if best_state is not None:
         module.load_state_dict(best_state)
     module.eval()

@@ -119,6 +119,23 @@ def format_status_detail(s: HeadStatus, heads_dir: Path) -> str:
                 lines.append(f"  {c:<{w}}  {v['precision']:>9.2f}  {v['recall']:>6.2f}  {v['f1']:>4.2f}")
     if ck:
         lines.append(describe_tags(s.name, HeadRules(ck)))
+        from headmaster.heads.checkpoint_meta import auto_suggestion, describe_goal, describe_selection
+
+        meta = ck.get("metadata", {})
+        if meta.get("error_goal") and ck.get("margin") is not None:
+            lines.append(f"Uncertain band: ±{float(ck['margin']):.2f} around the threshold")
+        if meta.get("error_goal") and ck.get("min_confidence") is not None and s.head_type != "binary":
+            lines.append(f"Minimum confidence: {float(ck['min_confidence']):.2f}")
+        if meta.get("selection"):
+            lines.append(f"Selection: {describe_selection(meta['selection'])}")
+        goal = meta.get("error_goal")
+        if goal:
+            measured = "" if goal.get("error") is None else f"; measured {goal['error'] * 100:.1f}% wrong, " \
+                                                              f"bound {goal['bound'] * 100:.1f}%"
+            lines.append(f"Error goal: {describe_goal(goal)}{measured}")
+        hint = auto_suggestion(ck.get("kind", "mlp"), meta.get("comparison"))
+        if hint:
+            lines.append(f"Hint: {hint}")
         added, removed = s.changes_since_training(heads_dir)
         if added or removed:
             lines.append(f"Changed since training: +{added} / -{removed} images (run `hm train --head {s.name}`)")

@@ -59,6 +59,8 @@ class TrainReport:
     conflicts: list[LabelConflict] = field(default_factory=list)
     embed: EmbedResult | None = None
     kind: str = "mlp"
+    selection: dict | None = None  # --kind auto: the comparison (selection.Comparison.as_metadata)
+    error_goal: dict | None = None  # --max-error: the cut and its promise (cuts.ErrorCut.as_metadata)
 
 
 
@@ -110,17 +112,28 @@ def embed_heads(ctx: Context, head: str | None = None, label: str = "Embedding",
     return report
 
 
-def current_kind(ctx: Context, head: str) -> str:
-    """The kind of the head's existing checkpoint, so a retrain (by hand or by the daemon) keeps it; else mlp."""
+def previous_checkpoint(ctx: Context, head: str) -> dict | None:
+    """The head's existing checkpoint, or None when there is none or it cannot be read."""
     path = ctx.workspace.checkpoint_path(head)
     if not path.exists():
-        return "mlp"
+        return None
     from headmaster.heads.checkpoint import read_checkpoint
 
     try:
-        return read_checkpoint(path).get("kind", "mlp")
+        return read_checkpoint(path)
     except HeadmasterError:
+        return None
+
+
+def current_kind(ctx: Context, head: str) -> str:
+    """The kind of the head's existing checkpoint, so a retrain (by hand or by the daemon) keeps it; else mlp.
+
+    A head that `--kind auto` chose stays auto: the retrain compares the kinds again.
+    """
+    previous = previous_checkpoint(ctx, head)
+    if previous is None:
         return "mlp"
+    return "auto" if "selection" in previous.get("metadata", {}) else previous.get("kind", "mlp")
 
 
 def labelled_rows(ctx: Context, model: Model, labelled: LabelledSet, result: EmbedResult
@@ -145,8 +158,7 @@ def train_one(ctx: Context, head: str, config: "TrainConfig | None" = None) -> T
     """Embed what is missing, train the head and write out/<head>.pt (atomically)."""
     from headmaster.heads.base import TrainConfig
     from headmaster.heads.checkpoint import save_checkpoint
-    from headmaster.heads.mlp import train_head
-    from headmaster.heads.prototypes import train_prototypes
+    from headmaster.heads.selection import train_vectors
 
     config = config or TrainConfig()
     labelled = ctx.workspace.head(head)
@@ -164,14 +176,28 @@ def train_one(ctx: Context, head: str, config: "TrainConfig | None" = None) -> T
         raise HeadmasterError(f"cached vectors have {matrix.shape[1]} dimensions, model '{model.name}' "
                               f"is registered with {model.embed_dim}")
     kind = config.kind or current_kind(ctx, head)
-    if kind == "prototype":
-        outcome = train_prototypes(head, classes, matrix, np.array(labels), sources, model.name, config)
-    else:
-        outcome = train_head(head, classes, matrix, np.array(labels), sources, model.name, config)
+    if config.warm_start:
+        config = warm_config(config, previous_checkpoint(ctx, head), classes, int(matrix.shape[1]))
+    outcome = train_vectors(head, classes, matrix, np.array(labels), sources, model.name, kind, config)
     path = ctx.workspace.checkpoint_path(head)
     save_checkpoint(outcome.checkpoint, path)
     if outcome.val_on_train:
         warnings.append(f"head '{head}': too few images for a validation split; metrics are on training data")
+    meta = outcome.checkpoint["metadata"]
     return TrainReport(head, outcome.checkpoint["type"], classes, len(rows), outcome.train_count, outcome.val_count,
-                       path, outcome.checkpoint["metadata"]["metrics"], outcome.checkpoint.get("threshold"),
-                       warnings, result.skipped, find_conflicts(labelled, result.hashes), result, kind)
+                       path, meta["metrics"], outcome.checkpoint.get("threshold"),
+                       warnings, result.skipped, find_conflicts(labelled, result.hashes), result,
+                       outcome.checkpoint["kind"], meta.get("selection"), meta.get("error_goal"))
+
+
+def warm_config(config: "TrainConfig", previous: dict | None, classes: list[str], input_dim: int) -> "TrainConfig":
+    """`config` with the previous MLP's weights to start from, and auto's last choice, when the buckets and
+    dimensions are unchanged."""
+    from dataclasses import replace
+
+    if previous is None or list(previous["classes"]) != classes or int(previous["input_dim"]) != input_dim:
+        return config
+    config = replace(config, previous_selection=previous.get("metadata", {}).get("selection"))
+    if previous.get("kind", "mlp") != "mlp":
+        return config
+    return replace(config, init_state=previous["model_state_dict"])

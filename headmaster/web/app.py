@@ -22,10 +22,10 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from headmaster import HeadmasterError
-from headmaster.workspace import MIN_BUCKET_IMAGES
 from headmaster.web.backend import HASH_ID, Action, Item, NotFound, ReviewBackend
 from headmaster.web.security import FORM_TYPE, SECURITY_HEADERS, Guard, GuardMiddleware
 from headmaster.web.thumbnails import THUMBS_DIR, ThumbnailError, cached_thumbnail
+from headmaster.workspace import MIN_BUCKET_IMAGES
 
 HERE = Path(__file__).parent
 QUEUE_PAGE = 60  # images rendered with the page; the script fetches more as the queue empties

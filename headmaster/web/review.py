@@ -30,8 +30,7 @@ from headmaster.fileops import move_into
 from headmaster.heads import UNCERTAIN, CheckpointCache, HeadRules, head_fields
 from headmaster.store import FileRecord, Store
 from headmaster.web.backend import EXCLUDED, Action, Item, NotFound
-from headmaster.workspace import (MIN_BUCKET_IMAGES, NOT_BUCKET_PREFIXES, LabelledSet, Workspace, list_images,
-                                  shown_path)
+from headmaster.workspace import MIN_BUCKET_IMAGES, NOT_BUCKET_PREFIXES, LabelledSet, Workspace, list_images, shown_path
 
 RECENT_SORTS = 200  # how many recent sorts the queue looks at after the uncertain ones
 SUSPECT_FOLDS = 5
