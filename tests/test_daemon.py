@@ -59,7 +59,8 @@ def files_in(folder: Path) -> list[Path]:
 class Hmd:
     """One hmd subprocess with its config, socket and log."""
 
-    def __init__(self, root: Path, ws: Path, daemon_keys: str = "", env: dict[str, str] | None = None):
+    def __init__(self, root: Path, ws: Path, daemon_keys: str = "", env: dict[str, str] | None = None,
+                 training_keys: str = ""):
         self.root, self.ws = root, ws
         self.env = env or {}
         self.socket = root / "run" / "hm" / "hmd.sock"
@@ -67,7 +68,7 @@ class Hmd:
         self.config.write_text(
             f'workspace = "{ws}"\n[daemon]\nsocket = "{self.socket}"\ndebounce_seconds = {DEBOUNCE}\n'
             f'max_delay_seconds = 20.0\nsettle_seconds = {SETTLE}\ndevice = "cpu"\n{daemon_keys}'
-            f'[training]\nepochs = 20\n'
+            f'[training]\nepochs = 20\n{training_keys}'
             f'[web]\nlisten = "127.0.0.1:0"\n')  # the review page on a free port (tests run side by side)
         self.log_path = root / "hmd.log"
         self.proc: subprocess.Popen | None = None
@@ -489,3 +490,25 @@ def test_kill_9_in_the_middle_of_sorting_then_restart_and_sigterm(hmd):
     assert time.monotonic() - started < 10
     assert not hmd.socket.exists()
     assert "Traceback" not in hmd.log_path.read_text()
+
+
+def test_the_error_goal_holds_across_retrains(tmp_path, clip_path):
+    """[training] max_error is hmd's to keep: every retrain chooses its cut for that goal again, and status says so."""
+    from headmaster.heads import read_checkpoint_meta
+
+    ws = make_workspace(tmp_path, clip_path)
+    daemon = Hmd(tmp_path, ws, training_keys='kind = "linear"\nmax_error = 0.3\n').start()
+    try:
+        first = wait_for(lambda: (h := daemon.head()) and h["retrains"] == 1 and not h["training"] and h, 120,
+                         "the first training", daemon)
+        goal = read_checkpoint_meta(ws / "out" / "colour.pt")["metadata"]["error_goal"]
+        assert goal["max_error"] == 0.3 and first["kind"] == "linear"
+        assert first["error_goal"]["max_error"] == 0.3 and "≤ 30%" in first["sorts"]  # hmctl status shows the goal
+        fill_bucket(ws / "heads" / "colour" / "red", "red", 4, 300)  # new examples: a retrain
+        wait_for(lambda: (h := daemon.head()) and h["retrains"] == 2 and not h["training"] and h, 120,
+                 "the retrain", daemon)
+        again = read_checkpoint_meta(ws / "out" / "colour.pt")
+        assert again["metadata"]["error_goal"]["max_error"] == 0.3  # kept, not reset by the retrain
+        assert sum(len(v) for v in again["sources"].values()) == 24
+    finally:
+        daemon.kill()

@@ -70,7 +70,8 @@ class Retrainer:
             h.training = True
         started = time.perf_counter()
         try:
-            report = self.calls.call("train", head=head, epochs=t.epochs, lr=t.lr, seed=t.seed)
+            report = self.calls.call("train", head=head, epochs=t.epochs, lr=t.lr, seed=t.seed, kind=t.kind,
+                                     max_error=t.max_error)  # the config hmd runs with, kept across retrains
         except HeadmasterError as e:
             with hub.state.lock:
                 h.last_error = str(e)
