@@ -49,7 +49,7 @@ CREATE TABLE IF NOT EXISTS tags (
     head TEXT NOT NULL,
     hash TEXT NOT NULL,        -- the image's content hash when it was tagged
     model TEXT NOT NULL,
-    checkpoint TEXT NOT NULL,  -- the head checkpoint's created_at
+    checkpoint TEXT NOT NULL,  -- the head checkpoint's version: its created_at and the start of its SHA-256
     cut REAL,                  -- the run's --threshold for this head, NULL: the head's own
     bucket TEXT NOT NULL,      -- the decision, or 'uncertain'
     score REAL NOT NULL,
@@ -217,6 +217,16 @@ def _created(rules: HeadRules) -> str:
     return str(rules.checkpoint.get("metadata", {}).get("created_at", ""))
 
 
+def _version(ctx: Context, head: str, created: str) -> str:
+    """The checkpoint's date and the start of its SHA-256: two trainings within one second (created_at has
+    seconds) are still two versions, so a retrain always rewrites what it changed."""
+    try:
+        digest = hashlib.sha256(ctx.workspace.trained_checkpoint(head).read_bytes()).hexdigest()[:16]
+    except OSError:
+        digest = ""
+    return f"{created} {digest}"
+
+
 def previous_records(store: Store, heads: list[str]) -> dict[tuple[str, str], tuple]:
     """(path, head) -> (hash, checkpoint, cut, bucket, tag) as last written."""
     ensure_schema(store)
@@ -337,6 +347,7 @@ def tag_images(ctx: Context, images: list[Path], heads: list[str], options: TagO
     report.embed, report.skipped = result, list(result.skipped)
     per_head = {h: {d.path: d for d in score_vectors(t, images, vectors, result.hashes)} for h, t in trained}
     created = {h: _created(r) for h, r in rules.items()}
+    versions = {h: _version(ctx, h, created[h]) for h in rules}  # what a record was written against
 
     names = {"xmp": (sidecar_paths(images, "xmp") if options.xmp_name == "base"
                      else {p: p.with_name(p.name + ".xmp") for p in images})}
@@ -383,7 +394,7 @@ def tag_images(ctx: Context, images: list[Path], heads: list[str], options: TagO
             if tag:
                 tags.append(tag)
         report.tags[image] = tags
-        state = [(hash_, created[r.head], cuts.get(r.head), r.bucket, "|".join(("headmaster", *r.tag)) if r.tag
+        state = [(hash_, versions[r.head], cuts.get(r.head), r.bucket, "|".join(("headmaster", *r.tag)) if r.tag
                   else "") for r in records]
         sidecars = {kind: names[kind][image] for kind in kinds}
         same = all(previous.get((key, r.head)) == s for r, s in zip(records, state))
