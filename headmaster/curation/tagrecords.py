@@ -1,0 +1,93 @@
+"""What hm tag and hmd wrote per image and head: the `tags`, `tag_sidecars` and `tag_checks` tables.
+
+Plain SQL, no model and no torch, so hmd's supervisor reads it to find, stat-only, which photos of
+a library are tagged and which wait (headmaster/daemon/library.py); curation/tagging.py writes it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from headmaster.store import Store
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tags (
+    path TEXT NOT NULL,        -- the image, absolute
+    head TEXT NOT NULL,
+    hash TEXT NOT NULL,        -- the image's content hash when it was tagged
+    model TEXT NOT NULL,
+    checkpoint TEXT NOT NULL,  -- the head checkpoint's created_at
+    cut REAL,                  -- the run's --threshold for this head, NULL: the head's own
+    bucket TEXT NOT NULL,      -- the decision, or 'uncertain'
+    score REAL NOT NULL,
+    tag TEXT NOT NULL,         -- what was written: headmaster|clothing|hat, '' for no tag
+    at TEXT NOT NULL,
+    PRIMARY KEY (path, head)
+);
+CREATE TABLE IF NOT EXISTS tag_sidecars (
+    sidecar TEXT PRIMARY KEY,  -- absolute
+    image TEXT NOT NULL,
+    kind TEXT NOT NULL,        -- xmp, txt or json
+    sha256 TEXT NOT NULL,      -- of the bytes we wrote
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tag_checks (
+    path TEXT NOT NULL,        -- the image, absolute
+    head TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    checkpoint TEXT NOT NULL,  -- a newer checkpoint than the `tags` row's, whose decision was the same:
+    at TEXT NOT NULL,          -- the sidecars were left as they were (hmd's re-tag after a retrain)
+    PRIMARY KEY (path, head)
+);
+"""
+
+
+def ensure_tag_schema(store: Store) -> None:
+    store.conn.executescript(SCHEMA)
+
+
+def previous_records(store: Store, heads: list[str]) -> dict[tuple[str, str], tuple]:
+    """(path, head) -> (hash, checkpoint, cut, bucket, tag) as last written."""
+    ensure_tag_schema(store)
+    marks = ",".join("?" * len(heads))
+    rows = store.conn.execute("SELECT path, head, hash, checkpoint, cut, bucket, tag FROM tags "
+                              f"WHERE head IN ({marks})", heads)
+    return {(r[0], r[1]): tuple(r[2:]) for r in rows}
+
+
+def written_sidecars(store: Store) -> dict[str, tuple[str, int, int]]:
+    """sidecar -> (sha256, size, mtime_ns) as we left it."""
+    ensure_tag_schema(store)
+    return {r[0]: (r[1], r[2], r[3]) for r in store.conn.execute("SELECT sidecar, sha256, size, mtime_ns FROM "
+                                                                   "tag_sidecars")}
+
+
+def _under(store: Store, sql: str, root: Path) -> list[tuple]:
+    prefix = str(root).rstrip(os.sep) + os.sep
+    return store.conn.execute(sql + " WHERE path >= ? AND path < ?", (prefix, prefix + "\U0010ffff")).fetchall()
+
+
+def tagged_images(store: Store, root: Path, stats: dict[str, tuple[int, int]], heads: dict[str, str]) -> set[str]:
+    """Of the images under `root` (`stats`: path -> (size, mtime_ns) now), those tagged as they are now.
+
+    Stat-only: an image counts when the file index knows it at this size and mtime, and every head in
+    `heads` (name -> its checkpoint's created_at) tagged that content with that checkpoint, or checked
+    it and found the same decision. Reads no image and no sidecar.
+    """
+    ensure_tag_schema(store)
+    index = {r[0]: (r[1], r[2], r[3]) for r in _under(store, "SELECT path, size, mtime_ns, hash FROM files", root)}
+    done: dict[tuple[str, str], set[tuple[str, str]]] = {}
+    for table in ("tags", "tag_checks"):
+        for path, head, hash_, checkpoint in _under(store, f"SELECT path, head, hash, checkpoint FROM {table}", root):
+            done.setdefault((path, head), set()).add((hash_, checkpoint))
+    out = set()
+    for path, st in stats.items():
+        known = index.get(path)
+        if known is None or known[:2] != st:
+            continue
+        if all((known[2], created) in done.get((path, head), ()) for head, created in heads.items()):
+            out.add(path)
+    return out
