@@ -26,6 +26,8 @@ _EXPORTS = {
     "correction_counts": "learning",
     "corrections_log": "learning",
     "ensure_schema": "learning",
+    "SKIP_FOLDERS": "tagrecords",
+    "find_images": "tagrecords",
     "find_suspects": "ranking",
     "import_labels": "labels",
     "is_correction": "learning",
@@ -52,7 +54,7 @@ if TYPE_CHECKING:
                                               ensure_schema, is_correction, learn, rank_uncertain, unlearn)
     from headmaster.curation.ranking import find_suspects, rank_folder, rank_rows, suspect_rows
     from headmaster.curation.sidecars import write_sidecars
-    from headmaster.curation.tagrecords import tagged_images
+    from headmaster.curation.tagrecords import SKIP_FOLDERS, find_images, tagged_images
     from headmaster.curation.tagging import TagOptions, near_cut_rows, nearest_the_cut, tag_images, tag_library
 
 

@@ -29,20 +29,19 @@ from tqdm import tqdm
 
 from headmaster import HeadmasterError
 from headmaster.curation.sidecars import sidecar_paths
-from headmaster.curation.tagrecords import ensure_tag_schema, previous_records, written_sidecars
+from headmaster.curation.tagrecords import (Found, ensure_tag_schema, find_images, previous_records,
+                                             written_sidecars)
 from headmaster.curation.xmp import HeadRecord, SidecarError, merge_sidecar_tags, write_sidecar
 from headmaster.embedding import Context, EmbedResult, Skipped, progress_enabled
 from headmaster.fileops import fsync_dir, write_atomic
 from headmaster.heads import (HeadRules, Tag, cut_margin, decide_with_cut, embed_for_scoring, load_heads,
                               score_vectors, tag_for)
 from headmaster.store import Store
-from headmaster.workspace import is_image_name
 
 KINDS = ("xmp", "txt", "json")
 XMP_NAMES = ("full", "base")  # photo.jpg.xmp (digiKam, darktable, Immich) or photo.xmp (Lightroom)
 WRITE_THREADS = 4  # sidecar writes in flight: each waits on its fsync, not on the CPU
 WRITE_BATCH = 256  # sidecars planned before they are written (their bytes held in memory meanwhile)
-SKIP_FOLDERS = frozenset({"@eaDir", "#recycle"})  # NAS thumbnail and trash folders: full of JPEGs that are not photos
 
 
 def ensure_schema(store: Store) -> None:
@@ -79,13 +78,6 @@ class TagAction:
 
 
 @dataclass
-class Found:
-    images: list[Path] = field(default_factory=list)
-    hidden: int = 0  # hidden files and folders skipped
-    symlinks: int = 0  # symlinks not followed
-
-
-@dataclass
 class TagReport:
     heads: list[str]
     found: Found
@@ -115,50 +107,6 @@ class TagReport:
 
 
 # -- the photos ------------------------------------------------------------------------------------
-
-def find_images(sources: list[Path], recursive: bool = True) -> Found:
-    """The images under `sources` (files as given; folders walked), sorted, each once.
-
-    Hidden files and folders (a leading dot) and NAS housekeeping folders are skipped; symlinks are
-    not followed (a link to a folder above would loop, and a linked photo is tagged where it lives).
-    """
-    found = Found()
-    seen: set[Path] = set()
-    for src in map(Path, sources):
-        if src.is_file():
-            if not is_image_name(src):
-                raise HeadmasterError(f"not an image file headmaster reads: {src}")
-            if src not in seen:
-                seen.add(src)
-                found.images.append(src)
-            continue
-        if not src.is_dir():
-            raise HeadmasterError(f"not found: {src}")
-        for folder, dirs, files in os.walk(src, followlinks=False):
-            keep = []
-            for d in dirs:
-                if d.startswith(".") or d in SKIP_FOLDERS:
-                    found.hidden += 1
-                elif os.path.islink(os.path.join(folder, d)):
-                    found.symlinks += 1
-                else:
-                    keep.append(d)
-            dirs[:] = sorted(keep) if recursive else []
-            for name in files:
-                if name.startswith("."):
-                    found.hidden += is_image_name(name[1:] or "x")
-                    continue
-                if not is_image_name(name):
-                    continue
-                path = Path(folder, name)
-                if path.is_symlink():
-                    found.symlinks += 1
-                elif path not in seen:
-                    seen.add(path)
-                    found.images.append(path)
-    found.images.sort()
-    return found
-
 
 def trained_heads(ctx: Context) -> list[str]:
     """Every head with a checkpoint (hm tag's default)."""

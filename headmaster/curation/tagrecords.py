@@ -1,15 +1,21 @@
-"""What hm tag and hmd wrote per image and head: the `tags`, `tag_sidecars` and `tag_checks` tables.
+"""What hm tag reads and records without a model: a library's photos, and what was written per image and head.
 
-Plain SQL, no model and no torch, so hmd's supervisor reads it to find, stat-only, which photos of
-a library are tagged and which wait (headmaster/daemon/library.py); curation/tagging.py writes it.
+`find_images` lists a library; the `tags`, `tag_sidecars` and `tag_checks` tables say what was
+written. No model and no torch here, so hmd's supervisor lists a library and finds, stat-only, which
+photos are tagged and which wait (headmaster/daemon/library.py); curation/tagging.py writes the tables.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from headmaster import HeadmasterError
 from headmaster.store import Store
+from headmaster.workspace import is_image_name
+
+SKIP_FOLDERS = frozenset({"@eaDir", "#recycle"})  # NAS thumbnail and trash folders: full of JPEGs that are not photos
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tags (
@@ -43,6 +49,57 @@ CREATE TABLE IF NOT EXISTS tag_checks (
     PRIMARY KEY (path, head)
 );
 """
+
+
+@dataclass
+class Found:
+    images: list[Path] = field(default_factory=list)
+    hidden: int = 0  # hidden files and folders skipped
+    symlinks: int = 0  # symlinks not followed
+
+
+def find_images(sources: list[Path], recursive: bool = True) -> Found:
+    """The images under `sources` (files as given; folders walked), sorted, each once.
+
+    Hidden files and folders (a leading dot) and NAS housekeeping folders are skipped; symlinks are
+    not followed (a link to a folder above would loop, and a linked photo is tagged where it lives).
+    """
+    found = Found()
+    seen: set[Path] = set()
+    for src in map(Path, sources):
+        if src.is_file():
+            if not is_image_name(src):
+                raise HeadmasterError(f"not an image file headmaster reads: {src}")
+            if src not in seen:
+                seen.add(src)
+                found.images.append(src)
+            continue
+        if not src.is_dir():
+            raise HeadmasterError(f"not found: {src}")
+        for folder, dirs, files in os.walk(src, followlinks=False):
+            keep = []
+            for d in dirs:
+                if d.startswith(".") or d in SKIP_FOLDERS:
+                    found.hidden += 1
+                elif os.path.islink(os.path.join(folder, d)):
+                    found.symlinks += 1
+                else:
+                    keep.append(d)
+            dirs[:] = sorted(keep) if recursive else []
+            for name in files:
+                if name.startswith("."):
+                    found.hidden += is_image_name(name[1:] or "x")
+                    continue
+                if not is_image_name(name):
+                    continue
+                path = Path(folder, name)
+                if path.is_symlink():
+                    found.symlinks += 1
+                elif path not in seen:
+                    seen.add(path)
+                    found.images.append(path)
+    found.images.sort()
+    return found
 
 
 def ensure_tag_schema(store: Store) -> None:

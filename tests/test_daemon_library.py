@@ -1,0 +1,173 @@
+"""hmd keeping a [[library]] tagged: a real hmd subprocess, the tiny CLIP model, a folder of photos beside the workspace.
+
+The tests build on each other, in file order: the library is tagged once its head trains; a
+new photo is tagged when it settles; a retrain rewrites only the sidecars whose decision
+changed; a restart repeats nothing; a vanished library pauses and resumes untouched; a kill -9
+in the middle of a larger batch leaves every sidecar whole. No photo's bytes ever change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sqlite3
+from pathlib import Path
+
+import pytest
+from helpers import colour_image, fill_bucket
+from test_daemon import Hmd, wait_for
+
+from headmaster.curation.xmp import decode_sidecar, read_records
+from headmaster.embedding import add_model
+from headmaster.store import Store
+
+COLOURS = ("red", "blue", "green", "yellow")
+
+
+def photo_hashes(root: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.png"))}
+
+
+def sidecars(root: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(root.rglob("*.xmp"))}
+
+
+def decisions(ws: Path, root: Path) -> dict[str, str]:
+    with sqlite3.connect(ws / "headmaster.db") as db:
+        return dict(db.execute("SELECT path, bucket FROM tags WHERE head = 'hue' AND path LIKE ?", (f"{root}%",)))
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, clip_path):
+    root = tmp_path_factory.mktemp("hmd-library")
+    ws = root / "workspace"
+    for i, colour in enumerate(("red", "blue", "green")):
+        fill_bucket(ws / "heads" / "hue" / colour, colour, 8, 100 * i)
+    with Store(ws / "headmaster.db") as store:
+        add_model(store, "tiny-clip", str(clip_path), 24)
+    photos = root / "photos"
+    for i, colour in enumerate(COLOURS):
+        colour_image(photos / "2024" / f"{colour}.png", colour, 1000 + i)
+        colour_image(photos / "2025" / "trip" / f"{colour}.png", colour, 1100 + i)
+    colour_image(photos / ".thumbs" / "hidden.png", "red", 1200)  # hidden folder: never tagged
+    (photos / "notes.txt").write_text("not a photo\n")
+    return root, ws, photos
+
+
+@pytest.fixture(scope="module")
+def hmd(site):
+    root, ws, photos = site
+    daemon = Hmd(root, ws, daemon_keys="max_batch_images = 16\n")
+    daemon.config.write_text(daemon.config.read_text() + f'[[library]]\npath = "{photos}"\nheads = ["hue"]\n')
+    daemon.originals = photo_hashes(photos)
+    daemon.start()
+    yield daemon
+    daemon.kill()
+
+
+def library(hmd: Hmd) -> dict:
+    return hmd.status()["libraries"][0]
+
+
+def settled(hmd: Hmd, photos: int) -> dict:
+    return wait_for(lambda: (lib := library(hmd))["photos"] == photos and lib["tagged"] == photos and lib, 120,
+                    f"{photos} photos tagged", hmd)
+
+
+def test_the_library_is_tagged_once_its_head_is_trained(hmd, site):
+    _, ws, photos = site
+    lib = settled(hmd, 8)
+    assert lib == {"path": str(photos), "heads": ["hue"], "photos": 8, "tagged": 8, "pending": 0, "failed": 0,
+                   "paused": False}
+    tagged = sorted(Path(p).relative_to(photos).as_posix() for p in sidecars(photos))
+    assert tagged == sorted(f"{d}/{c}.png.xmp" for d in ("2024", "2025/trip") for c in COLOURS)
+    image, xmp = decode_sidecar((photos / "2024" / "red.png.xmp").read_bytes())
+    assert read_records(xmp)["hue"]["bucket"] == "red"
+    assert f"library {photos}: tagged 8 photo(s), 0 unchanged, 0 failed" in hmd.log_path.read_text()
+    assert photo_hashes(photos) == hmd.originals
+
+
+def test_a_new_photo_is_tagged_when_it_settles(hmd, site):
+    _, ws, photos = site
+    new = colour_image(photos / "2025" / "new_blue.png", "blue", 1300)
+    hmd.originals[str(new)] = hashlib.sha256(new.read_bytes()).hexdigest()
+    settled(hmd, 9)
+    assert Path(f"{new}.xmp").is_file()
+    assert f"library {photos}: tagged 1 photo(s), 0 unchanged, 0 failed" in hmd.log_path.read_text()
+
+
+def test_a_retrain_rewrites_only_the_changed_decisions(hmd, site):
+    _, ws, photos = site
+    before, written = decisions(ws, photos), sidecars(photos)
+    retrains = hmd.head("hue")["retrains"]
+    fill_bucket(ws / "heads" / "hue" / "yellow", "yellow", 8, 300)  # a new bucket: the yellow photos change
+    wait_for(lambda: hmd.head("hue")["retrains"] > retrains, 120, "the retrain", hmd)
+    line = wait_for(lambda: [ln for ln in hmd.log_path.read_text().splitlines()
+                             if f"library {photos}: tagged" in ln and "0 failed" in ln][2:], 120,
+                    "the re-tag after the retrain", hmd)[0]
+    after, rewritten = decisions(ws, photos), sidecars(photos)
+    changed = {p for p in after if after[p] != before[p]}
+    assert {p[:-4] for p in rewritten if rewritten[p] != written[p]} == changed  # those, and only those
+    assert 0 < len(changed) < 9
+    assert all(after[p] == "yellow" for p in changed)
+    assert line.endswith(f"tagged {len(changed)} photo(s), {9 - len(changed)} unchanged, 0 failed")
+    assert photo_hashes(photos) == hmd.originals
+
+
+def test_a_restart_repeats_no_work(hmd, site):
+    _, ws, photos = site
+    written = {p: os.stat(p).st_mtime_ns for p in sidecars(photos)}
+    assert hmd.terminate() == 0
+    mark = len(hmd.log_path.read_text())
+    hmd.start()
+    wait_for(lambda: "start-up checks done" in hmd.log_path.read_text()[mark:], 60, "start-up", hmd)
+    settled(hmd, 9)
+    assert f"library {photos}: tagged" not in hmd.log_path.read_text()[mark:]
+    assert {p: os.stat(p).st_mtime_ns for p in sidecars(photos)} == written
+
+
+def test_a_vanished_library_pauses_and_resumes_untouched(hmd, site):
+    root, ws, photos = site
+    written, records = sidecars(photos), decisions(ws, photos)
+    away = root / "unmounted"
+    os.rename(photos, away)
+    wait_for(lambda: library(hmd)["paused"], 60, "the library to pause", hmd)
+    assert hmd.log_path.read_text().count(f"library {photos}: paused: path missing") == 1
+    assert decisions(ws, photos) == records  # nothing untagged
+    os.rename(away, photos)
+    wait_for(lambda: not library(hmd)["paused"] and f"library {photos}: resumed" in hmd.log_path.read_text(), 60,
+             "the library to resume", hmd)
+    settled(hmd, 9)
+    assert sidecars(photos) == written
+    new = colour_image(photos / "after.png", "red", 1400)  # watched again
+    hmd.originals[str(new)] = hashlib.sha256(new.read_bytes()).hexdigest()
+    settled(hmd, 10)
+
+
+def test_kill_9_mid_batch_leaves_every_sidecar_whole(hmd, site):
+    root, ws, photos = site
+    burst = photos / "burst"
+    for i in range(120):
+        p = colour_image(root / "card" / f"b{i:03d}.png", COLOURS[i % 4], 2000 + i)
+        hmd.originals[str(burst / p.name)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    os.rename(root / "card", burst)  # a folder moved in: one listing, tagged 16 at a time
+    wait_for(lambda: any(burst.glob("*.xmp")), 120, "tagging to begin", hmd)
+    worker = hmd.status()["worker"]["pid"]
+    os.kill(hmd.proc.pid, signal.SIGKILL)
+    if worker:
+        try:
+            os.kill(worker, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    hmd.proc.wait(timeout=10)
+    assert len(list(burst.glob("*.xmp"))) < 120  # killed mid-batch
+    for sidecar in photos.rglob("*.xmp"):
+        image, xmp = decode_sidecar(sidecar.read_bytes())  # old or new, never half-written
+        assert "hue" in read_records(xmp)
+    hmd.start()
+    settled(hmd, 130)
+    for sidecar in photos.rglob("*.xmp"):
+        decode_sidecar(sidecar.read_bytes())
+    assert photo_hashes(photos) == hmd.originals
+    assert "Traceback" not in hmd.log_path.read_text()
