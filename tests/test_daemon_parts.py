@@ -6,7 +6,8 @@ import os
 import time
 
 from helpers import colour_image, fill_bucket
-from watchdog.events import FileClosedEvent, FileCreatedEvent, FileDeletedEvent, FileModifiedEvent, FileMovedEvent
+from watchdog.events import (DirCreatedEvent, FileClosedEvent, FileCreatedEvent, FileDeletedEvent, FileModifiedEvent,
+                             FileMovedEvent)
 
 from headmaster.daemon.inbox import inbox_files, resolve_leftovers
 from headmaster.daemon.state import DaemonState, needs_retrain
@@ -97,6 +98,21 @@ def test_events_are_routed_by_area(tmp_path):
     assert names == ["example_changed", "inbox_closed", "example_removed", "checkpoint_written", "classified_changed"]
     assert sink.calls[3] == ("checkpoint_written", "c")
     assert sink.calls[4][1:3] == ("c", "blue")
+
+
+def test_library_events_are_photos_only(tmp_path):
+    photos = tmp_path / "photos"
+    sink = Recorder()
+    h = WorkspaceHandler(tmp_path / "heads", tmp_path / "inbox", tmp_path / "out", sink, libraries=[photos])
+    h.dispatch(FileCreatedEvent(str(photos / "2024" / "a.jpg")))
+    h.dispatch(FileMovedEvent(str(photos / ".hm-tmp-1"), str(photos / "2024" / "a.jpg.xmp")))  # our sidecar: ignored
+    h.dispatch(FileCreatedEvent(str(photos / "b.jpg.part")))  # still downloading: ignored
+    h.dispatch(FileClosedEvent(str(photos / "c.heic")))
+    h.dispatch(FileDeletedEvent(str(photos / "2024" / "a.jpg")))
+    h.dispatch(DirCreatedEvent(str(photos / "trip")))
+    h.dispatch(FileCreatedEvent(str(tmp_path / "elsewhere" / "d.jpg")))  # outside every library: ignored
+    assert sink.calls == [("library_changed", photos / "2024" / "a.jpg", False), ("library_closed", photos / "c.heic"),
+                          ("library_removed", photos / "2024" / "a.jpg"), ("library_folder", photos)]
 
 
 def test_needs_retrain_compares_sources_and_mtimes(tmp_path):
