@@ -109,6 +109,14 @@ def test_a_new_photo_is_tagged_when_it_settles(hmd, site):
     settled(hmd, 10)
     assert Path(f"{new}.xmp").is_file()
     assert library_lines(hmd, photos)[-1] == f"library {photos}: tagged 1 photo(s), 0 unchanged, 0 failed"
+    edited = photos / "2024" / "blue.png"  # the user edits a photo: it is tagged again, as what it is now
+    assert read_records(decode_sidecar(Path(f"{edited}.xmp").read_bytes())[1])["hue"]["bucket"] == "blue"
+    colour_image(edited, "red", 1301)
+    hmd.originals[str(edited)] = hashlib.sha256(edited.read_bytes()).hexdigest()
+    wait_for(lambda: decisions(ws, photos)[str(edited)] == "red", 60, "the edited photo to be tagged again", hmd)
+    image, xmp = decode_sidecar(Path(f"{edited}.xmp").read_bytes())
+    assert read_records(xmp)["hue"]["bucket"] == "red"
+    settled(hmd, 10)
 
 
 def test_a_retrain_rewrites_only_the_changed_decisions(hmd, site):

@@ -52,6 +52,7 @@ class Libraries:
         self.calls = calls
         self.lock = threading.Lock()
         self.libraries = [LibraryState(lib, Path(os.path.normpath(lib.root))) for lib in hub.config.library]
+        self._checked: dict[str, str] = {}  # head -> the checkpoint (created_at) its libraries were queued for
         self.watch: Callable[[Path], Any] | None = None  # the Daemon's: schedule a root on the observer
         self.unwatch: Callable[[Any], None] | None = None
 
@@ -85,7 +86,13 @@ class Libraries:
                 self.hub.tasks.put(Task("library", paths=(lib.root,)))
 
     def retrained(self, head: str) -> None:
-        """A head was trained: every library that uses it is checked again (only changed decisions are written)."""
+        """A head has a new checkpoint (hmd trained it, or `hm train` beside us): every library that uses it is
+        checked again, once per checkpoint (only changed decisions are written)."""
+        summary = self.hub.checkpoints.summary(self.hub.ws.checkpoint_path(head))
+        created = str((summary or {}).get("created_at") or "")
+        if not created or self._checked.get(head) == created:
+            return
+        self._checked[head] = created
         for lib in self.libraries:
             if lib.config.heads is None or head in lib.config.heads:
                 self.hub.tasks.put(Task("library", paths=(lib.root,)))

@@ -262,7 +262,9 @@ class Daemon:
         restart = [key for key, old, now in (
             ("workspace", hub.ws.root, new.workspace_root), ("inbox.path", hub.inbox_dir, new.inbox_dir),
             ("daemon.socket", hub.socket_path, new.socket_path), ("daemon.device", hub.config.daemon.device,
-                                                                  new.daemon.device)) if old != now]
+                                                                  new.daemon.device),
+            ("library", [lib.to_dict() for lib in hub.config.library], [lib.to_dict() for lib in new.library]))
+            if old != now]
         hub.config = new
         hub.settler.settle_seconds = new.daemon.settle_seconds
         hub.worker.set_idle_seconds(new.daemon.model_idle_seconds)
@@ -315,8 +317,9 @@ class Daemon:
             self._settled(task.paths)
         elif task.kind == "retrain":
             self.retrainer.retrain(task.head, task.force)
-        elif task.kind == "sort":
+        elif task.kind == "sort":  # a checkpoint was written (by us or by `hm train`)
             self.sorter.sort_inbox(task.head)
+            self.libraries.retrained(task.head)
         elif task.kind == "forget":
             self.hub.store.forget_files(str(p) for p in task.paths)
         elif task.kind == "confirm":
