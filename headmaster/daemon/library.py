@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from loguru import logger
 
+from headmaster import HeadmasterError
 from headmaster.config import LibraryConfig
 from headmaster.curation import SKIP_FOLDERS, find_images, tagged_images
 from headmaster.daemon.calls import CRASHED, Calls
@@ -106,8 +107,8 @@ class Libraries:
         self.hub.set_activity(f"listing library {lib.root}")
         try:
             images = find_images([lib.root], lib.config.recursive).images
-        except OSError as e:  # vanished while we listed it: the timer finds it missing
-            logger.warning("library {}: cannot list it: {}", lib.root, e.strerror or e)
+        except (OSError, HeadmasterError) as e:  # vanished while we listed it: the timer finds it missing
+            logger.warning("library {}: cannot list it: {}", lib.root, getattr(e, "strerror", None) or e)
             return
         stats = {str(p): st for p in images if (st := _stat(p)) is not None}
         with self.lock:
