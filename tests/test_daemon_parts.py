@@ -10,6 +10,7 @@ from watchdog.events import (DirCreatedEvent, FileClosedEvent, FileCreatedEvent,
                              FileMovedEvent)
 
 from headmaster.daemon.inbox import inbox_files, resolve_leftovers
+from headmaster.fileops import remove_stale_temps
 from headmaster.daemon.state import DaemonState, needs_retrain
 from headmaster.daemon.watcher import Settler, WorkspaceHandler
 from headmaster.heads import save_checkpoint
@@ -134,6 +135,17 @@ def test_needs_retrain_compares_sources_and_mtimes(tmp_path):
     first = next((ws.heads_dir / "c" / "red").iterdir())
     os.utime(first, ns=(later, later))
     assert needs_retrain(ws, "c", "m").reason == "images modified since training"
+
+
+def test_stale_temps_spare_a_write_in_flight(tmp_path):
+    old, new = tmp_path / "a" / ".hm-tmp-old", tmp_path / ".hm-tmp-new"
+    old.parent.mkdir()
+    old.write_bytes(b"cut short")
+    os.utime(old, (time.time() - 60,) * 2)
+    new.write_bytes(b"being written")
+    photo = colour_image(tmp_path / "a" / "photo.png", "red", 1)
+    assert remove_stale_temps(tmp_path, older_than_s=5) == 1
+    assert not old.exists() and new.exists() and photo.exists()
 
 
 def test_resolve_leftovers_keeps_one_copy(tmp_path):

@@ -31,8 +31,10 @@ from headmaster.config import LibraryConfig
 from headmaster.curation import SKIP_FOLDERS, find_images, tagged_images
 from headmaster.daemon.calls import CRASHED, Calls
 from headmaster.daemon.hub import Hub, Task
+from headmaster.fileops import remove_stale_temps
 from headmaster.workspace import is_image_name
 
+STALE_TEMP_S = 5.0  # a sidecar's temp file older than this is a leftover of a crash (a write takes milliseconds)
 LIBRARY_CHECK_S = 5.0  # how often a library's root is stat'ed, to pause when it vanishes and resume when it is back
 
 
@@ -53,6 +55,7 @@ class Libraries:
         self.calls = calls
         self.lock = threading.Lock()
         self.libraries = [LibraryState(lib, Path(os.path.normpath(lib.root))) for lib in hub.config.library]
+        self._swept: set[Path] = set()  # libraries cleared of our leftover temp files since start
         self._checked: dict[str, str] = {}  # head -> the checkpoint (created_at) its libraries were queued for
         self.watch: Callable[[Path], Any] | None = None  # the Daemon's: schedule a root on the observer
         self.unwatch: Callable[[Any], None] | None = None
@@ -106,6 +109,11 @@ class Libraries:
             return
         self.hub.set_activity(f"listing library {lib.root}")
         try:
+            if lib.root not in self._swept:  # once per start: a sidecar write a crash cut short leaves a temp file
+                self._swept.add(lib.root)
+                if removed := remove_stale_temps(lib.root, STALE_TEMP_S):
+                    logger.info("library {}: removed {} temporary file(s) left by an interrupted write", lib.root,
+                                removed)
             images = find_images([lib.root], lib.config.recursive).images
         except (OSError, HeadmasterError) as e:  # vanished while we listed it: the timer finds it missing
             logger.warning("library {}: cannot list it: {}", lib.root, getattr(e, "strerror", None) or e)
