@@ -265,6 +265,7 @@ def test_cli_summary_rerun_after_retrain_and_dry_run(trained, tmp_path):
                                       (str((lib / "a" / "red.png").absolute()),)).fetchall()
     assert sorted(rows) == [("hue", "red", "headmaster|hue|red"), ("warm", "positive", "headmaster|warm")]
 
+    time.sleep(1.05)  # created_at has whole seconds: within the fixture's second the retrain would look the same
     train_one(trained, "warm", TrainConfig(epochs=30, seed=1))  # a retrain: a new checkpoint date
     r = hm(trained, "tag", str(lib), "--txt")
     assert r.exit_code == 0, r.output
