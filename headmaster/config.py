@@ -81,6 +81,27 @@ class EmbeddingConfig:
     max_pixels: int = 89_478_485  # decoded pixels per image before it is refused as a bomb (images.MAX_IMAGE_PIXELS)
 
 
+LIBRARY_KEYS = ("path", "heads", "xmp", "txt", "recursive")
+
+
+@dataclass
+class LibraryConfig:
+    """One [[library]] table: a photo tree hmd keeps tagged where it lives (headmaster/daemon/library.py)."""
+    path: str  # absolute, or ~/...
+    heads: list[str] | None = None  # None: every trained head ("all")
+    xmp: bool = True  # photo.jpg.xmp sidecars
+    txt: bool = False  # photo.txt captions
+    recursive: bool = True  # folders below `path` too
+
+    @property
+    def root(self) -> Path:
+        return Path(self.path).expanduser()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "heads": "all" if self.heads is None else list(self.heads), "xmp": self.xmp,
+                "txt": self.txt, "recursive": self.recursive}
+
+
 @dataclass
 class Config:
     workspace: str = ""  # "": $HEADMASTER_WORKSPACE, else ./workspace; relative to the config file's folder
@@ -90,6 +111,7 @@ class Config:
     learning: LearningConfig = field(default_factory=LearningConfig)
     web: WebConfig = field(default_factory=WebConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    library: list[LibraryConfig] = field(default_factory=list)  # [[library]] tables
     source: Path | None = field(default=None, compare=False)  # the file it came from, if any
 
     # -- resolved paths -----------------------------------------------------------
@@ -129,6 +151,8 @@ class Config:
         out: dict[str, Any] = {"workspace": self.workspace}
         for section in SECTIONS:
             out[section] = {f.name: getattr(getattr(self, section), f.name) for f in fields(SECTIONS[section])}
+        if self.library:  # TOML has no empty array of tables: no libraries, no key
+            out["library"] = [lib.to_dict() for lib in self.library]
         return out
 
 
@@ -172,11 +196,50 @@ def config_from_dict(data: dict[str, Any], source: Path | None = None) -> Config
                 if sub not in names:
                     raise HeadmasterError(f"{where}: unknown key '{full}' (known in [{key}]: {', '.join(names)})")
                 setattr(section, sub, _check_type(full, subvalue, _field_type(cls, sub), where))
+        elif key == "library":
+            config.library = _libraries(value, where)
         else:
-            known = ", ".join(["workspace", *(f"[{s}]" for s in SECTIONS)])
+            known = ", ".join(["workspace", *(f"[{s}]" for s in SECTIONS), "[[library]]"])
             raise HeadmasterError(f"{where}: unknown key '{key}' (known: {known})")
     _check_values(config, where)
     return config
+
+
+def _libraries(value: Any, where: str) -> list[LibraryConfig]:
+    """The [[library]] tables, each checked: an absolute path (or ~), heads a list of names or "all"."""
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise HeadmasterError(f"{where}: 'library' must be tables ([[library]]), got {value!r}")
+    out: list[LibraryConfig] = []
+    roots: dict[Path, str] = {}
+    for i, table in enumerate(value):
+        at = f"library[{i}]"
+        for sub in table:
+            if sub not in LIBRARY_KEYS:
+                raise HeadmasterError(f"{where}: unknown key '{at}.{sub}' (known in [[library]]: "
+                                      f"{', '.join(LIBRARY_KEYS)})")
+        if "path" not in table:
+            raise HeadmasterError(f"{where}: '{at}.path' is missing: the folder of photos to keep tagged")
+        path = _check_type(f"{at}.path", table["path"], str, where)
+        if not path or not Path(path).expanduser().is_absolute():
+            raise HeadmasterError(f"{where}: '{at}.path' must be an absolute path (or start with ~), got {path!r}")
+        heads = table.get("heads", "all")
+        if heads == "all":
+            names = None
+        elif isinstance(heads, list) and heads and all(isinstance(h, str) and h and "/" not in h for h in heads):
+            names = list(dict.fromkeys(heads))
+        else:
+            raise HeadmasterError(f"{where}: '{at}.heads' must be \"all\" or a list of head names, got {heads!r}")
+        lib = LibraryConfig(path, names, *(_check_type(f"{at}.{k}", table.get(k, d), bool, where)
+                                           for k, d in (("xmp", True), ("txt", False), ("recursive", True))))
+        if not (lib.xmp or lib.txt):
+            raise HeadmasterError(f"{where}: '{at}.xmp' and '{at}.txt' are both false: nothing to write")
+        root = Path(os.path.normpath(lib.root))
+        for other, other_at in roots.items():
+            if root == other or other in root.parents or root in other.parents:
+                raise HeadmasterError(f"{where}: '{at}.path' overlaps '{other_at}.path' ({root} and {other})")
+        roots[root] = at
+        out.append(lib)
+    return out
 
 
 def _check_values(config: Config, where: str) -> None:

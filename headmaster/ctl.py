@@ -71,6 +71,10 @@ def format_status(s: dict[str, Any]) -> str:
     inbox = s["inbox"]
     lines.append(f"Inbox: {inbox['path']}: {inbox['queued']} queued, {inbox['sorted']} sorted, "
                  f"{inbox['rejected']} rejected since start")
+    for lib in s.get("libraries") or []:
+        paused = ", PAUSED: path missing" if lib["paused"] else ""
+        lines.append(f"Library: {lib['path']}: {lib['photos']} photos, {lib['tagged']} tagged, {lib['pending']} "
+                     f"pending, {lib['failed']} failed{paused}")
     heads = s.get("heads", {})
     if not heads:
         lines.append("No heads yet.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -152,14 +153,25 @@ def move_into(src: Path, folder: Path, name: str | None = None) -> Path:
     return target
 
 
-def remove_stale_temps(root: Path) -> int:
-    """Delete our own leftover temp files (never a user's file) below `root`; returns how many."""
+def remove_stale_temps(root: Path, older_than_s: float = 0.0) -> int:
+    """Delete our own leftover temp files (never a user's file) below `root`; returns how many.
+
+    With `older_than_s`, a temp file changed more recently is left alone (another process, e.g. `hm tag`
+    beside hmd, may be writing it now).
+    """
     count = 0
     if not root.is_dir():
         return 0
+    now = time.time()
     for dirpath, _, files in os.walk(root):
         for f in files:
             if f.startswith(TEMP_PREFIX):
-                Path(dirpath, f).unlink(missing_ok=True)
+                path = Path(dirpath, f)
+                try:
+                    if older_than_s and now - path.stat().st_mtime < older_than_s:
+                        continue
+                    path.unlink()
+                except FileNotFoundError:
+                    continue
                 count += 1
     return count

@@ -75,6 +75,36 @@ def test_bad_key_or_type_names_the_key(tmp_path, text, key):
     assert f"'{key}'" in str(e.value)
 
 
+def test_library_tables(tmp_path):
+    cfg = read_config(write(tmp_path / "c.toml", '[[library]]\npath = "~/Pictures"\n'
+                                                 '[[library]]\npath = "/srv/photos"\nheads = ["nsfw", "clothing"]\n'
+                                                 'txt = true\nxmp = false\nrecursive = false\n'))
+    first, second = cfg.library
+    assert first.root == Path("~/Pictures").expanduser() and first.heads is None and first.xmp and not first.txt \
+        and first.recursive
+    assert (second.heads, second.xmp, second.txt, second.recursive) == (["nsfw", "clothing"], False, True, False)
+    assert cfg.to_dict()["library"][0] == {"path": "~/Pictures", "heads": "all", "xmp": True, "txt": False,
+                                           "recursive": True}
+    assert Config().library == [] and "library" not in Config().to_dict()
+
+
+@pytest.mark.parametrize("text, key", [
+    ('[[library]]\nheads = "all"\n', "library[0].path"),
+    ('[[library]]\npath = "photos"\n', "library[0].path"),
+    ('[[library]]\npath = "/p"\n[[library]]\npath = "/p/sub"\n', "library[1].path"),
+    ('[[library]]\npath = "/p"\nheads = "some"\n', "library[0].heads"),
+    ('[[library]]\npath = "/p"\nheads = []\n', "library[0].heads"),
+    ('[[library]]\npath = "/p"\nxmp = "yes"\n', "library[0].xmp"),
+    ('[[library]]\npath = "/p"\nxmp = false\n', "library[0].xmp"),
+    ('[[library]]\npath = "/p"\ntags = 1\n', "library[0].tags"),
+    ('library = 3\n', "library"),
+])
+def test_bad_library_names_the_key(tmp_path, text, key):
+    with pytest.raises(HeadmasterError) as e:
+        read_config(write(tmp_path / "c.toml", text))
+    assert f"'{key}'" in str(e.value)
+
+
 def test_invalid_toml_and_missing_file(tmp_path):
     with pytest.raises(HeadmasterError, match="not valid TOML"):
         read_config(write(tmp_path / "c.toml", "[daemon\n"))

@@ -6,11 +6,13 @@ import os
 import time
 
 from helpers import colour_image, fill_bucket
-from watchdog.events import FileClosedEvent, FileCreatedEvent, FileDeletedEvent, FileModifiedEvent, FileMovedEvent
+from watchdog.events import (DirCreatedEvent, FileClosedEvent, FileCreatedEvent, FileDeletedEvent, FileModifiedEvent,
+                             FileMovedEvent)
 
 from headmaster.daemon.inbox import inbox_files, resolve_leftovers
 from headmaster.daemon.state import DaemonState, needs_retrain
 from headmaster.daemon.watcher import Settler, WorkspaceHandler
+from headmaster.fileops import remove_stale_temps
 from headmaster.heads import save_checkpoint
 from headmaster.store import Store
 from headmaster.workspace import Workspace
@@ -99,6 +101,21 @@ def test_events_are_routed_by_area(tmp_path):
     assert sink.calls[4][1:3] == ("c", "blue")
 
 
+def test_library_events_are_photos_only(tmp_path):
+    photos = tmp_path / "photos"
+    sink = Recorder()
+    h = WorkspaceHandler(tmp_path / "heads", tmp_path / "inbox", tmp_path / "out", sink, libraries=[photos])
+    h.dispatch(FileCreatedEvent(str(photos / "2024" / "a.jpg")))
+    h.dispatch(FileMovedEvent(str(photos / ".hm-tmp-1"), str(photos / "2024" / "a.jpg.xmp")))  # our sidecar: ignored
+    h.dispatch(FileCreatedEvent(str(photos / "b.jpg.part")))  # still downloading: ignored
+    h.dispatch(FileClosedEvent(str(photos / "c.heic")))
+    h.dispatch(FileDeletedEvent(str(photos / "2024" / "a.jpg")))
+    h.dispatch(DirCreatedEvent(str(photos / "trip")))
+    h.dispatch(FileCreatedEvent(str(tmp_path / "elsewhere" / "d.jpg")))  # outside every library: ignored
+    assert sink.calls == [("library_changed", photos / "2024" / "a.jpg", False), ("library_closed", photos / "c.heic"),
+                          ("library_removed", photos / "2024" / "a.jpg"), ("library_folder", photos)]
+
+
 def test_needs_retrain_compares_sources_and_mtimes(tmp_path):
     ws = Workspace(tmp_path)
     fill_bucket(ws.heads_dir / "c" / "red", "red", 2)
@@ -118,6 +135,17 @@ def test_needs_retrain_compares_sources_and_mtimes(tmp_path):
     first = next((ws.heads_dir / "c" / "red").iterdir())
     os.utime(first, ns=(later, later))
     assert needs_retrain(ws, "c", "m").reason == "images modified since training"
+
+
+def test_stale_temps_spare_a_write_in_flight(tmp_path):
+    old, new = tmp_path / "a" / ".hm-tmp-old", tmp_path / ".hm-tmp-new"
+    old.parent.mkdir()
+    old.write_bytes(b"cut short")
+    os.utime(old, (time.time() - 60,) * 2)
+    new.write_bytes(b"being written")
+    photo = colour_image(tmp_path / "a" / "photo.png", "red", 1)
+    assert remove_stale_temps(tmp_path, older_than_s=5) == 1
+    assert not old.exists() and new.exists() and photo.exists()
 
 
 def test_resolve_leftovers_keeps_one_copy(tmp_path):

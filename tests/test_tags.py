@@ -23,11 +23,12 @@ from PIL import Image
 
 from headmaster import HeadmasterError
 from headmaster.cli import cli
-from headmaster.curation import TagOptions, nearest_the_cut, tag_library
+from headmaster.curation import TagOptions, nearest_the_cut, tag_images, tag_library, tagged_images
 from headmaster.curation.xmp import HeadRecord, SidecarError, merge_sidecar
 from headmaster.embedding import Context, EmbedOptions, add_model
 from headmaster.embedding.images import register_heif
-from headmaster.heads import HeadRules, TrainConfig, cut_margin, decide_with_cut, positive_bucket, tag_for, train_one
+from headmaster.heads import (HeadRules, TrainConfig, checkpoint_version, cut_margin, decide_with_cut, positive_bucket,
+                              read_checkpoint_meta, tag_for, train_one)
 
 FAST = TrainConfig(epochs=30)
 EXIFTOOL = shutil.which("exiftool")
@@ -280,6 +281,38 @@ def test_cli_summary_rerun_after_retrain_and_dry_run(trained, tmp_path):
     assert r.exit_code == 0, r.output
     assert "yellow.txt: kept: not written by headmaster" in r.stderr and user_caption.read_text() == "my caption\n"
     assert "xmp 3 updated" in r.stdout  # the vectors were cached: only the records changed
+
+
+def test_after_a_retrain_only_changed_decisions_are_rewritten(trained, tmp_path):
+    """hmd's re-tag: tag_images with changed_decisions_only, and tagged_images, the stat-only record it reads."""
+    lib = tmp_path / "lib"
+    photos = [colour_image(lib / f"{colour}{i}.png", colour, 80 + 4 * i + j)
+              for i in range(2) for j, colour in enumerate(("red", "blue", "green", "yellow"))]
+    stats = {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in photos}
+    options = TagOptions(changed_decisions_only=True)
+    def created() -> str:  # what hmd's supervisor reads: the checkpoint's version (created_at + digest)
+        path = trained.workspace.checkpoint_path("warm")
+        return checkpoint_version(path, read_checkpoint_meta(path)["metadata"]["created_at"])
+
+    db = trained.store.conn
+
+    def buckets() -> dict[str, str]:
+        return dict(db.execute("SELECT path, bucket FROM tags WHERE head = 'warm' AND path LIKE ?", (f"{lib}%",)))
+
+    tag_images(trained, photos, ["warm"], options)
+    assert tagged_images(trained.store, lib, stats, {"warm": created()}) == set(stats)
+    before, sidecars = buckets(), {p: Path(f"{p}.xmp").read_bytes() for p in stats}
+    train_one(trained, "warm", TrainConfig(epochs=30, seed=2))
+    assert tagged_images(trained.store, lib, stats, {"warm": created()}) == set()  # a new checkpoint: all wait
+    report = tag_images(trained, photos, ["warm"], options)
+    after = buckets()
+    changed = {p for p in stats if after[p] != before[p]}
+    assert {p for p in stats if Path(f"{p}.xmp").read_bytes() != sidecars[p]} == changed
+    assert report.counts()["xmp"].get("unchanged", 0) == len(photos) - len(changed)
+    assert db.execute("SELECT count(*) FROM tag_checks WHERE checkpoint = ?", (created(),)).fetchone()[0] \
+        == len(photos) - len(changed)
+    assert tagged_images(trained.store, lib, stats, {"warm": created()}) == set(stats)  # a restart: nothing to do
+    assert tag_images(trained, photos, ["warm"], options).counts()["xmp"] == {"unchanged": len(photos)}
 
 
 def test_uncertain_lists_nearest_the_cut(trained, tmp_path):

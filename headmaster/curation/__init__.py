@@ -6,6 +6,7 @@ labels.py    importing labels from a CSV into bucket folders (hm import-labels)
 sidecars.py  caption files written beside images (hm classify --sidecar)
 xmp.py       XMP sidecars merged with headmaster's tags, everything else kept
 tagging.py   tagging a photo library where it lives (hm tag): sidecars, and a record of what was written
+tagrecords.py  that record (no model): what hmd reads to know which photos of a library are tagged
 doctor.py    checking headmaster's own files and rebuilding a damaged cache (hm doctor)
 
 It builds on heads and evaluation; it never serves a page or runs a daemon.
@@ -26,6 +27,8 @@ _EXPORTS = {
     "correction_counts": "learning",
     "corrections_log": "learning",
     "ensure_schema": "learning",
+    "SKIP_FOLDERS": "tagrecords",
+    "find_images": "tagrecords",
     "find_suspects": "ranking",
     "import_labels": "labels",
     "is_correction": "learning",
@@ -38,6 +41,7 @@ _EXPORTS = {
     "read_label_csv": "labels",
     "suspect_rows": "ranking",
     "tag_images": "tagging",
+    "tagged_images": "tagrecords",
     "tag_library": "tagging",
     "unlearn": "learning",
     "write_sidecars": "sidecars",
@@ -53,6 +57,7 @@ if TYPE_CHECKING:
     from headmaster.curation.ranking import find_suspects, rank_folder, rank_rows, suspect_rows
     from headmaster.curation.sidecars import write_sidecars
     from headmaster.curation.tagging import TagOptions, near_cut_rows, nearest_the_cut, tag_images, tag_library
+    from headmaster.curation.tagrecords import SKIP_FOLDERS, find_images, tagged_images
 
 
 def __getattr__(name: str) -> Any:

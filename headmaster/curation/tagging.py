@@ -5,7 +5,7 @@ decision becomes a tag (heads.tags) written to photo.jpg.xmp (merged, never clob
 and on request to a photo.txt caption and a photo.json record. Folders are walked recursively;
 hidden files and folders are skipped, symlinks are not followed.
 
-Every sidecar written is recorded in headmaster.db: `tags` holds, per image and head, the content
+Every sidecar written is recorded in headmaster.db (the tables: curation/tagrecords.py): `tags` holds, per image and head, the content
 hash, the checkpoint's created_at, the bucket and the tag written; `tag_sidecars` the hash, size and
 mtime of each sidecar as we left it. A re-run (or hmd, later) skips an image whose decisions and
 sidecars are unchanged without reading either, and replaces a .txt or .json only if we wrote it.
@@ -29,48 +29,22 @@ from tqdm import tqdm
 
 from headmaster import HeadmasterError
 from headmaster.curation.sidecars import sidecar_paths
+from headmaster.curation.tagrecords import Found, ensure_tag_schema, find_images, previous_records, written_sidecars
 from headmaster.curation.xmp import HeadRecord, SidecarError, merge_sidecar_tags, write_sidecar
 from headmaster.embedding import Context, EmbedResult, Skipped, progress_enabled
 from headmaster.fileops import fsync_dir, write_atomic
-from headmaster.heads import (HeadRules, Tag, cut_margin, decide_with_cut, embed_for_scoring, load_heads, score_vectors,
-                              tag_for)
+from headmaster.heads import (HeadRules, Tag, checkpoint_version, cut_margin, decide_with_cut, embed_for_scoring,
+                              load_heads, score_vectors, tag_for)
 from headmaster.store import Store
-from headmaster.workspace import is_image_name
 
 KINDS = ("xmp", "txt", "json")
 XMP_NAMES = ("full", "base")  # photo.jpg.xmp (digiKam, darktable, Immich) or photo.xmp (Lightroom)
 WRITE_THREADS = 4  # sidecar writes in flight: each waits on its fsync, not on the CPU
 WRITE_BATCH = 256  # sidecars planned before they are written (their bytes held in memory meanwhile)
-SKIP_FOLDERS = frozenset({"@eaDir", "#recycle"})  # NAS thumbnail and trash folders: full of JPEGs that are not photos
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS tags (
-    path TEXT NOT NULL,        -- the image, absolute
-    head TEXT NOT NULL,
-    hash TEXT NOT NULL,        -- the image's content hash when it was tagged
-    model TEXT NOT NULL,
-    checkpoint TEXT NOT NULL,  -- the head checkpoint's version: its created_at and the start of its SHA-256
-    cut REAL,                  -- the run's --threshold for this head, NULL: the head's own
-    bucket TEXT NOT NULL,      -- the decision, or 'uncertain'
-    score REAL NOT NULL,
-    tag TEXT NOT NULL,         -- what was written: headmaster|clothing|hat, '' for no tag
-    at TEXT NOT NULL,
-    PRIMARY KEY (path, head)
-);
-CREATE TABLE IF NOT EXISTS tag_sidecars (
-    sidecar TEXT PRIMARY KEY,  -- absolute
-    image TEXT NOT NULL,
-    kind TEXT NOT NULL,        -- xmp, txt or json
-    sha256 TEXT NOT NULL,      -- of the bytes we wrote
-    size INTEGER NOT NULL,
-    mtime_ns INTEGER NOT NULL,
-    at TEXT NOT NULL
-);
-"""
 
 
 def ensure_schema(store: Store) -> None:
-    store.conn.executescript(SCHEMA)
+    ensure_tag_schema(store)
 
 
 @dataclass
@@ -83,6 +57,9 @@ class TagOptions:
     cuts: dict[str | None, float] = field(default_factory=dict)  # head -> cut; None: every binary head
     prefix: str = ""  # the caption's first words (seed 003's -p)
     dry_run: bool = False
+    # hmd after a retrain: an image whose decisions are as last written (bar the checkpoint) keeps its
+    # sidecars as they are; the check is recorded in `tag_checks`
+    changed_decisions_only: bool = False
 
     def kinds(self) -> list[str]:
         return [k for k in KINDS if getattr(self, k)]
@@ -97,13 +74,6 @@ class TagAction:
     added: tuple[str, ...] = ()  # tags (headmaster|...) this changes
     removed: tuple[str, ...] = ()
     note: str = ""  # the one line for kept, unreadable and failed
-
-
-@dataclass
-class Found:
-    images: list[Path] = field(default_factory=list)
-    hidden: int = 0  # hidden files and folders skipped
-    symlinks: int = 0  # symlinks not followed
 
 
 @dataclass
@@ -136,50 +106,6 @@ class TagReport:
 
 
 # -- the photos ------------------------------------------------------------------------------------
-
-def find_images(sources: list[Path], recursive: bool = True) -> Found:
-    """The images under `sources` (files as given; folders walked), sorted, each once.
-
-    Hidden files and folders (a leading dot) and NAS housekeeping folders are skipped; symlinks are
-    not followed (a link to a folder above would loop, and a linked photo is tagged where it lives).
-    """
-    found = Found()
-    seen: set[Path] = set()
-    for src in map(Path, sources):
-        if src.is_file():
-            if not is_image_name(src):
-                raise HeadmasterError(f"not an image file headmaster reads: {src}")
-            if src not in seen:
-                seen.add(src)
-                found.images.append(src)
-            continue
-        if not src.is_dir():
-            raise HeadmasterError(f"not found: {src}")
-        for folder, dirs, files in os.walk(src, followlinks=False):
-            keep = []
-            for d in dirs:
-                if d.startswith(".") or d in SKIP_FOLDERS:
-                    found.hidden += 1
-                elif os.path.islink(os.path.join(folder, d)):
-                    found.symlinks += 1
-                else:
-                    keep.append(d)
-            dirs[:] = sorted(keep) if recursive else []
-            for name in files:
-                if name.startswith("."):
-                    found.hidden += is_image_name(name[1:] or "x")
-                    continue
-                if not is_image_name(name):
-                    continue
-                path = Path(folder, name)
-                if path.is_symlink():
-                    found.symlinks += 1
-                elif path not in seen:
-                    seen.add(path)
-                    found.images.append(path)
-    found.images.sort()
-    return found
-
 
 def trained_heads(ctx: Context) -> list[str]:
     """Every head with a checkpoint (hm tag's default)."""
@@ -218,29 +144,9 @@ def _created(rules: HeadRules) -> str:
 
 
 def _version(ctx: Context, head: str, created: str) -> str:
-    """The checkpoint's date and the start of its SHA-256: two trainings within one second (created_at has
-    seconds) are still two versions, so a retrain always rewrites what it changed."""
-    try:
-        digest = hashlib.sha256(ctx.workspace.trained_checkpoint(head).read_bytes()).hexdigest()[:16]
-    except OSError:
-        digest = ""
-    return f"{created} {digest}"
-
-
-def previous_records(store: Store, heads: list[str]) -> dict[tuple[str, str], tuple]:
-    """(path, head) -> (hash, checkpoint, cut, bucket, tag) as last written."""
-    ensure_schema(store)
-    marks = ",".join("?" * len(heads))
-    rows = store.conn.execute("SELECT path, head, hash, checkpoint, cut, bucket, tag FROM tags "
-                              f"WHERE head IN ({marks})", heads)
-    return {(r[0], r[1]): tuple(r[2:]) for r in rows}
-
-
-def written_sidecars(store: Store) -> dict[str, tuple[str, int, int]]:
-    """sidecar -> (sha256, size, mtime_ns) as we left it."""
-    ensure_schema(store)
-    return {r[0]: (r[1], r[2], r[3]) for r in store.conn.execute("SELECT sidecar, sha256, size, mtime_ns FROM "
-                                                                   "tag_sidecars")}
+    """What a record is written against (checkpoint_meta.checkpoint_version): two trainings within one second
+    are still two versions, so a retrain always rewrites what it changed."""
+    return checkpoint_version(ctx.workspace.trained_checkpoint(head), created)
 
 
 def _stat(path: Path) -> tuple[int, int] | None:
@@ -357,6 +263,7 @@ def tag_images(ctx: Context, images: list[Path], heads: list[str], options: TagO
     previous = previous_records(ctx.store, heads)
     ours = written_sidecars(ctx.store)
     tag_rows: list[tuple] = []
+    check_rows: list[tuple] = []  # (path, head, hash, checkpoint, at): same decision, sidecars left alone
     sidecar_rows: list[tuple] = []
     pending: list[tuple[int, bytes]] = []  # (index in report.actions, bytes): written in parallel, WRITE_BATCH at a time
     waiting: list[tuple[list[int], list[tuple]]] = []  # an image's action indices, and its tags rows once they succeed
@@ -403,6 +310,15 @@ def tag_images(ctx: Context, images: list[Path], heads: list[str], options: TagO
             report.actions.extend(TagAction(image, sc, kind, "unchanged") for kind, sc in sidecars.items())
             bar.update(1)
             continue
+        if options.changed_decisions_only and all(
+                (p := previous.get((key, r.head))) is not None and (p[0], *p[2:]) == (s[0], *s[2:])
+                for r, s in zip(records, state)) and all(
+                (rec := ours.get(str(sc.absolute()))) is not None and _stat(sc) == rec[1:] for sc in sidecars.values()):
+            report.actions.extend(TagAction(image, sc, kind, "unchanged") for kind, sc in sidecars.items())
+            if not options.dry_run:
+                check_rows.extend((key, r.head, hash_, versions[r.head], _now()) for r in records)
+            bar.update(1)
+            continue
         indices = []
         for kind, sidecar in sidecars.items():
             if kind == "xmp":
@@ -432,19 +348,21 @@ def tag_images(ctx: Context, images: list[Path], heads: list[str], options: TagO
         bar.update(1)
     flush()
     bar.close()
-    if tag_rows or sidecar_rows:
-        _save(ctx.store, tag_rows, sidecar_rows)
+    if tag_rows or sidecar_rows or check_rows:
+        _save(ctx.store, tag_rows, sidecar_rows, check_rows)
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _save(store: Store, tag_rows: list[tuple], sidecar_rows: list[tuple]) -> None:
+def _save(store: Store, tag_rows: list[tuple], sidecar_rows: list[tuple], check_rows: list[tuple] = ()) -> None:
     with store.conn:
         store.conn.execute("BEGIN IMMEDIATE")
         store.conn.executemany("INSERT OR REPLACE INTO tags (path, head, hash, checkpoint, model, cut, bucket, score, "
                                "tag, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", tag_rows)
         store.conn.executemany("INSERT OR REPLACE INTO tag_sidecars (sidecar, image, kind, sha256, size, mtime_ns, "
                                "at) VALUES (?, ?, ?, ?, ?, ?, ?)", sidecar_rows)
+        store.conn.executemany("INSERT OR REPLACE INTO tag_checks (path, head, hash, checkpoint, at) "
+                               "VALUES (?, ?, ?, ?, ?)", check_rows)
 
 
 def tag_library(ctx: Context, sources: list[Path], heads: list[str] | None = None,

@@ -30,7 +30,9 @@ CALL_TIMEOUT_S = 120.0  # how long a control request waits for the worker to be 
 
 class Answers:
     def __init__(self, hub: Hub, reload: Callable[[], dict[str, Any]],
-                 web_status: Callable[[], dict[str, Any] | None]):
+                 web_status: Callable[[], dict[str, Any] | None],
+                 libraries: Callable[[], list[dict[str, Any]]] = list):
+        self.libraries = libraries  # per [[library]]: path, heads, photos, tagged, pending, failed, paused
         self.hub = hub
         self.reload = reload  # the Daemon's: re-reads the config
         self.web_status = web_status  # the review page's address, or why it is not served
@@ -145,5 +147,6 @@ class Answers:
             "settling": len(hub.settler),
             "queued_tasks": hub.tasks.qsize(),
             "web": self.web_status(),
+            "libraries": self.libraries(),
             **extra,
         }

@@ -64,6 +64,20 @@ class Events:
     def classified_closed(self, head: str, bucket: str, path: Path) -> None:
         self.arm_settle(self.hub.settler.closed(path))
 
+    def library_changed(self, path: Path, writing: bool) -> None:
+        self.arm_settle(self.hub.settler.touch(path, writing))
+
+    def library_closed(self, path: Path) -> None:
+        self.arm_settle(self.hub.settler.closed(path))
+
+    def library_removed(self, path: Path) -> None:
+        self.hub.settler.forget(path)
+        self.hub.settler.forget_under(path)
+        self.hub.tasks.put(Task("library_gone", paths=(path,)))
+
+    def library_folder(self, root: Path) -> None:
+        self.hub.tasks.put(Task("library", paths=(root,)))
+
     def checkpoint_written(self, head: str) -> None:
         self.hub.tasks.put(Task("sort", head))  # e.g. `hm train` beside us: waiting inbox files can go now
 

@@ -35,7 +35,7 @@ from headmaster.workspace import Workspace
 
 @dataclass(frozen=True)
 class Task:
-    kind: str  # startup | settled | retrain | sort | forget | rescan | confirm
+    kind: str  # startup | settled | retrain | sort | forget | rescan | confirm | library | library_gone
     head: str | None = None
     paths: tuple[Path, ...] = ()
     force: bool = False

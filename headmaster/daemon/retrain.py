@@ -3,12 +3,14 @@
 A head is marked dirty by its examples' events (headmaster/daemon/events.py) and its retrain
 is debounced there; when the timer fires, `Retrainer.retrain` waits on while files are still
 arriving (up to `max_delay_seconds`), skips a head whose checkpoint is fresh, never trains
-over a damaged checkpoint unless asked (`hmctl retrain`), and sorts the head's inbox after.
+over a damaged checkpoint unless asked (`hmctl retrain`), and sorts the head's inbox after (then
+the photo libraries that use the head are queued for a re-tag).
 """
 
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 from loguru import logger
 
@@ -21,7 +23,9 @@ from headmaster.daemon.state import needs_retrain
 
 
 class Retrainer:
-    def __init__(self, hub: Hub, events: Events, calls: Calls, sorter: Sorter):
+    def __init__(self, hub: Hub, events: Events, calls: Calls, sorter: Sorter,
+                 on_trained: Callable[[str], None] | None = None):
+        self.on_trained = on_trained  # a head was trained: its libraries are re-tagged (daemon/library.py)
         self.hub = hub
         self.events = events
         self.calls = calls
@@ -87,3 +91,5 @@ class Retrainer:
         logger.success("trained {} ({}, {} images) in {:.1f}s: {}", head, report["head_type"], report["images"],
                        time.perf_counter() - started, score)
         self.sorter.sort_inbox(head)
+        if self.on_trained is not None:
+            self.on_trained(head)

@@ -20,6 +20,7 @@ together, and keeps the life cycle (start, signals, reload, stop), the job loop 
 - events.py: the watcher's sink and the timers it arms (settle checks, debounced retrains);
 - calls.py: the job thread's worker calls, surviving crashes; the active model; embedding examples;
 - retrain.py: a dirty head's retrain; sorter.py: sorting the inbox;
+- library.py: keeping the [[library]] photo trees tagged (new photos, and changed decisions after a retrain);
 - corrections.py: learning from corrections (also the review page's labels);
 - answers.py: hmctl's commands and `hmctl status`, also what the review page asks.
 
@@ -69,11 +70,12 @@ from headmaster.daemon.corrections import Corrections
 from headmaster.daemon.events import Events
 from headmaster.daemon.hub import STOP, Hub, Task
 from headmaster.daemon.inbox import resolve_leftovers
+from headmaster.daemon.library import Libraries
 from headmaster.daemon.logs import setup_logging
 from headmaster.daemon.retrain import Retrainer
 from headmaster.daemon.sorter import Sorter
 from headmaster.daemon.state import needs_retrain
-from headmaster.daemon.watcher import WorkspaceHandler, start_observer
+from headmaster.daemon.watcher import EVENTS, WorkspaceHandler, start_observer
 from headmaster.daemon.worker_client import WorkerCrashed
 
 STOP_GRACE_S = 8.0  # systemd's stop timeout is longer; we promise 10 s
@@ -85,9 +87,11 @@ class Daemon:
         self.events = Events(hub)
         self.calls = Calls(hub)
         self.sorter = Sorter(hub, self.events, self.calls)
-        self.retrainer = Retrainer(hub, self.events, self.calls, self.sorter)
+        self.libraries = Libraries(hub, self.calls)
+        self.retrainer = Retrainer(hub, self.events, self.calls, self.sorter, on_trained=self.libraries.retrained)
         self.corrections = Corrections(hub, self.events)
-        self.answers = Answers(hub, reload=self.reload, web_status=self._web_status)
+        self.answers = Answers(hub, reload=self.reload, web_status=self._web_status,
+                               libraries=self.libraries.status)
         self.server: ControlServer | None = None
         self.observer = None
         self.jobs: threading.Thread | None = None
@@ -146,9 +150,13 @@ class Daemon:
         learning = hub.config.learning.from_corrections
         handler = WorkspaceHandler(ws.heads_dir, hub.inbox_dir, ws.out_dir, self.events,
                                    on_error=lambda e: logger.opt(exception=e).error("event handler failed"),
-                                   classified_dir=hub.classified_dir if learning else None)
+                                   classified_dir=hub.classified_dir if learning else None,
+                                   libraries=self.libraries.roots())
         folders = [ws.heads_dir, hub.inbox_dir, ws.out_dir] + ([hub.classified_dir] if learning else [])
-        self.observer = start_observer(handler, folders)
+        observer = self.observer = start_observer(handler, folders)
+        self.libraries.watch = lambda root: observer.schedule(handler, str(root), recursive=True, event_filter=EVENTS)
+        self.libraries.unwatch = lambda watch: _unschedule(observer, watch)
+        self.libraries.start()
         if hub.config.learning.confirm_after_days > 0:
             hub.scheduler.add_job(hub.tasks.put, "interval", args=[Task("confirm")], hours=1, id="confirm")
         self.jobs = threading.Thread(target=self._work, name="hmd-jobs", daemon=True)
@@ -254,7 +262,9 @@ class Daemon:
         restart = [key for key, old, now in (
             ("workspace", hub.ws.root, new.workspace_root), ("inbox.path", hub.inbox_dir, new.inbox_dir),
             ("daemon.socket", hub.socket_path, new.socket_path), ("daemon.device", hub.config.daemon.device,
-                                                                  new.daemon.device)) if old != now]
+                                                                  new.daemon.device),
+            ("library", [lib.to_dict() for lib in hub.config.library], [lib.to_dict() for lib in new.library]))
+            if old != now]
         hub.config = new
         hub.settler.settle_seconds = new.daemon.settle_seconds
         hub.worker.set_idle_seconds(new.daemon.model_idle_seconds)
@@ -298,12 +308,18 @@ class Daemon:
         elif task.kind == "rescan":
             self._reconcile()
             self.sorter.sort_all()
+            self.libraries.queue_all()
+        elif task.kind == "library":
+            self.libraries.scan(task.paths[0])
+        elif task.kind == "library_gone":
+            self.libraries.forget(task.paths[0])
         elif task.kind == "settled":
             self._settled(task.paths)
         elif task.kind == "retrain":
             self.retrainer.retrain(task.head, task.force)
-        elif task.kind == "sort":
+        elif task.kind == "sort":  # a checkpoint was written (by us or by `hm train`)
             self.sorter.sort_inbox(task.head)
+            self.libraries.retrained(task.head)
         elif task.kind == "forget":
             self.hub.store.forget_files(str(p) for p in task.paths)
         elif task.kind == "confirm":
@@ -321,6 +337,7 @@ class Daemon:
         hub.state.count("duplicates_resolved", len(left.duplicates))
         self._reconcile()
         self.sorter.sort_all()
+        self.libraries.queue_all()  # tagged after the inbox is sorted, each library one task
         if hub.config.learning.confirm_after_days > 0:
             self.corrections.confirm()
         logger.info("start-up checks done: {} head(s), {} file(s) waiting in the inbox", len(hub.ws.head_names()),
@@ -358,13 +375,17 @@ class Daemon:
         examples: dict[str, list[Path]] = defaultdict(list)
         inbox: set[str] = set()
         corrected: list[Path] = []
+        photos: list[Path] = []
         for p in paths:
             if (parts := _parts(p, hub.ws.heads_dir)) is not None:
                 examples[parts[0]].append(p)
             elif (parts := _parts(p, hub.inbox_dir)) is not None:
                 inbox.add(parts[0])
-            elif (parts := _parts(p, hub.classified_dir)) is not None and len(parts) == 3:
-                corrected.append(p)
+            elif (parts := _parts(p, hub.classified_dir)) is not None:
+                if len(parts) == 3:
+                    corrected.append(p)
+            else:
+                photos.append(p)  # under a [[library]] root (the only other folders watched)
         if corrected:
             self.corrections.learn(corrected)
         model = self.calls.model() if examples else None
@@ -373,6 +394,15 @@ class Daemon:
                 self.calls.embed(model, files, head)
         for head in sorted(inbox):
             self.sorter.sort_inbox(head, settled=set(paths))
+        if photos:
+            self.libraries.settled(photos)
+
+
+def _unschedule(observer, watch) -> None:
+    try:
+        observer.unschedule(watch)
+    except (KeyError, OSError):  # the kernel dropped the watch with the folder already
+        pass
 
 
 def _parts(path: Path, root: Path) -> tuple[str, ...] | None:

@@ -162,6 +162,10 @@ class Sink(Protocol):
     def checkpoint_written(self, head: str) -> None: ...
     def classified_changed(self, head: str, bucket: str, path: Path, writing: bool) -> None: ...
     def classified_closed(self, head: str, bucket: str, path: Path) -> None: ...
+    def library_changed(self, path: Path, writing: bool) -> None: ...
+    def library_closed(self, path: Path) -> None: ...
+    def library_removed(self, path: Path) -> None: ...
+    def library_folder(self, root: Path) -> None: ...
 
 
 def _parts(path: Path, root: Path) -> tuple[str, ...] | None:
@@ -177,12 +181,14 @@ def _is_example(parts: tuple[str, ...]) -> bool:
 
 
 class WorkspaceHandler(FileSystemEventHandler):
-    """Sorts raw watchdog events into heads/, inbox/ and out/ changes."""
+    """Sorts raw watchdog events into heads/, inbox/ and out/ changes, and those under a [[library]] root."""
 
     def __init__(self, heads_dir: Path, inbox_dir: Path, out_dir: Path, sink: Sink,
-                 on_error: Callable[[Exception], None] | None = None, classified_dir: Path | None = None):
+                 on_error: Callable[[Exception], None] | None = None, classified_dir: Path | None = None,
+                 libraries: list[Path] = ()):
         self.heads_dir, self.inbox_dir, self.out_dir, self.sink = heads_dir, inbox_dir, out_dir, sink
         self.classified_dir = classified_dir  # watched only when learning from corrections
+        self.libraries = list(libraries)  # photo library roots (headmaster/daemon/library.py)
         self.on_error = on_error
 
     def dispatch(self, event: FileSystemEvent) -> None:
@@ -223,6 +229,11 @@ class WorkspaceHandler(FileSystemEventHandler):
         elif (parts := _parts(path, self.out_dir)) is not None:
             if not is_dir and len(parts) == 1 and parts[0].endswith(".pt") and not parts[0].startswith("."):
                 self.sink.checkpoint_written(parts[0][:-3])
+        elif (root := self._library(path)) is not None:
+            if is_dir:
+                self.sink.library_folder(root)  # a folder moved in or made: list the library again
+            elif _is_photo(path):
+                self.sink.library_changed(path, writing)
 
     def _closed(self, path: Path) -> None:
         if (parts := _parts(path, self.heads_dir)) is not None:
@@ -233,6 +244,8 @@ class WorkspaceHandler(FileSystemEventHandler):
                 self.sink.inbox_closed(parts[0], path)
         elif (parts := self._correction(path, False)) is not None:
             self.sink.classified_closed(parts[0], parts[1], path)
+        elif self._library(path) is not None and _is_photo(path):
+            self.sink.library_closed(path)
 
     def _correction(self, path: Path, is_dir: bool) -> tuple[str, ...] | None:
         """(head, bucket, name) for an image placed in classified/<head>/<bucket>/, else None."""
@@ -252,6 +265,19 @@ class WorkspaceHandler(FileSystemEventHandler):
                 self.sink.example_removed(parts[0], path)
         elif (parts := _parts(path, self.inbox_dir)) is not None and len(parts) >= 1:
             self.sink.inbox_removed(path)
+        elif self._library(path) is not None and (is_dir or _is_photo(path)):
+            self.sink.library_removed(path)
+
+    def _library(self, path: Path) -> Path | None:
+        """The library root `path` is under (or is), else None."""
+        for root in self.libraries:
+            if path == root or root in path.parents:
+                return root
+        return None
+
+
+def _is_photo(path: Path) -> bool:
+    return is_image_name(path) and is_candidate_name(path.name)
 
 
 def reports_closes() -> bool:

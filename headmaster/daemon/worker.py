@@ -16,6 +16,8 @@ Operations (OPS below), each a plain function of keyword arguments returning JSO
   train(head, epochs, lr, seed, kind, max_error)  train and save out/<head>.pt ([training] kind, max_error
                                     from the config when not given; a warm start when the buckets are the same)
   decide(head, paths)               a verdict per file: bucket, hash, score, or why it is unusable
+  tag(paths, heads, xmp, txt)       library photos' sidecars, rewritten where a decision changed (tagged,
+                                    unchanged, failed with reasons); never opens a photo for writing
   rank_uncertain(head, limit)       classified/<head>/uncertain/ by margin (as `hmctl uncertain`)
   default_model()                   the active model; registers the built-in backbone when none is
   suspects(head, folds, limit, epochs)  labelled examples the head doubts most (as `hm suspects`)
@@ -135,6 +137,27 @@ class Worker:
         return {"decisions": [[str(d.path), d.bucket, d.hash, d.score] for d in decisions],
                 "unusable": [[str(s.path), s.reason] for s in embedded.skipped]}
 
+    def tag(self, paths: list[str], heads: list[str], xmp: bool = True, txt: bool = False) -> dict[str, Any]:
+        """Tag library photos in place (curation.tagging.tag_images): only decisions that changed are rewritten."""
+        from headmaster.curation import TagOptions, tag_images
+
+        options = TagOptions(xmp=xmp, txt=txt, changed_decisions_only=True)
+        report = tag_images(self.ctx, [Path(p) for p in paths], heads, options)
+        changed: dict[str, bool] = {}
+        failed: dict[str, str] = {}
+        for a in report.actions:
+            if a.note and a.what != "kept":  # a .txt not ours is kept, and the photo still counts as tagged
+                failed.setdefault(str(a.image), f"{a.sidecar.name}: {a.note}")
+            elif a.what in ("written", "updated"):
+                changed[str(a.image)] = True
+            else:
+                changed.setdefault(str(a.image), False)
+        for s in report.skipped:
+            failed[str(s.path)] = s.reason
+        return {"tagged": sorted(p for p, c in changed.items() if c and p not in failed),
+                "unchanged": sorted(p for p, c in changed.items() if not c and p not in failed),
+                "failed": sorted([p, r] for p, r in failed.items())}
+
     def rank_uncertain(self, head: str, limit: int | None = None) -> list[dict[str, Any]]:
         from headmaster.curation import rank_uncertain
 
@@ -168,7 +191,7 @@ class Worker:
 
 
 OPS: dict[str, Callable[..., Any]] = {name: getattr(Worker, name) for name in (
-    "hello", "embed", "default_model", "train", "decide", "rank_uncertain", "suspects", "figures")}
+    "hello", "embed", "default_model", "train", "decide", "tag", "rank_uncertain", "suspects", "figures")}
 
 
 class LocalWorker:

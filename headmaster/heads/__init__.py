@@ -51,6 +51,7 @@ _EXPORTS = {
     "TrainReport": "training",
     "auto_suggestion": "checkpoint_meta",
     "binary_metrics": "base",
+    "checkpoint_version": "checkpoint_meta",
     "choose_cut": "cuts",
     "class_weights": "base",
     "classify_folder": "sorting",
@@ -113,8 +114,8 @@ if TYPE_CHECKING:
                                        prepare_inputs, stratified_split, training_split)
     from headmaster.heads.checkpoint import (HEAD_KINDS, head_from_checkpoint, load_head, read_checkpoint,
                                              save_checkpoint)
-    from headmaster.heads.checkpoint_meta import (CheckpointCache, auto_suggestion, describe_goal, describe_selection,
-                                                  head_fields, read_checkpoint_meta)
+    from headmaster.heads.checkpoint_meta import (CheckpointCache, auto_suggestion, checkpoint_version, describe_goal,
+                                                  describe_selection, head_fields, read_checkpoint_meta)
     from headmaster.heads.cuts import ErrorCut, choose_cut, clopper_pearson_upper
     from headmaster.heads.demo import lay_out, run_demo
     from headmaster.heads.export import export_onnx

@@ -16,6 +16,7 @@ from the file ever runs. Loading a head for use still goes through
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import threading
@@ -99,6 +100,16 @@ def read_checkpoint_meta(path: Path) -> dict[str, Any]:
     return data
 
 
+def checkpoint_version(path: Path, created_at: str | None) -> str:
+    """A checkpoint's identity for records made against it: its created_at and the start of its SHA-256.
+    created_at has whole seconds, so two trainings within one second differ only in the digest."""
+    try:
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError:
+        digest = ""
+    return f"{created_at or ''} {digest}"
+
+
 @dataclass
 class CheckpointCache:
     """Checkpoint metadata for status answers, re-read only when the file changes."""
@@ -127,7 +138,8 @@ class CheckpointCache:
                        "threshold": ck.get("threshold"), "min_confidence": ck.get("min_confidence"),
                        "created_at": meta.get("created_at"),
                        "metrics": meta.get("metrics", {}), "selection": meta.get("selection"),
-                       "comparison": meta.get("comparison"), "error_goal": meta.get("error_goal")}
+                       "comparison": meta.get("comparison"), "error_goal": meta.get("error_goal"),
+                       "version": checkpoint_version(path, meta.get("created_at"))}
         with self.lock:
             self.entries[path] = (key, summary)
         return summary

@@ -103,7 +103,7 @@ class ReviewService:
                 **{k: v for k, v in live_heads.get(name, {}).items() if k not in ("buckets", "metrics")},
             }
         out = {"daemon": bool(live), "workspace": str(self.ws.root), "heads": heads}
-        for key in ("pid", "model", "activity", "paused", "inbox", "uptime_s", "errors"):
+        for key in ("pid", "model", "activity", "paused", "inbox", "uptime_s", "errors", "libraries"):
             if key in live:
                 out[key] = live[key]
         return out
