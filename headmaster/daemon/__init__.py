@@ -20,8 +20,9 @@ It sits above every other wing (it never reaches into finetune); only the shells
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from headmaster import lazy_exports
 
 # name -> the module of this wing that defines it; imported on first use, so importing the wing costs nothing
 _EXPORTS = {
@@ -35,11 +36,4 @@ if TYPE_CHECKING:
     from headmaster.daemon.control import request
     from headmaster.daemon.worker import LocalWorker
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -13,8 +13,9 @@ It reads heads and vectors and writes reports; the only checkpoint field it chan
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from headmaster import lazy_exports
 
 # name -> the module of this wing that defines it; imported on first use, so importing the wing costs nothing
 _EXPORTS = {
@@ -50,11 +51,4 @@ if TYPE_CHECKING:
     from headmaster.evaluation.figures import confusion_figures, evaluation_figures, read_figures, save_figures
     from headmaster.evaluation.repeated import evaluate_head, format_evaluation, parse_kinds, plot_evaluation
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)

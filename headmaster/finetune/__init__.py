@@ -10,8 +10,9 @@ It builds on embedding and heads; nothing but the shells imports it.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from headmaster import lazy_exports
 
 # name -> the module of this wing that defines it; imported on first use, so importing the wing costs nothing
 _EXPORTS = {
@@ -24,11 +25,4 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from headmaster.finetune.train import FinetuneConfig, finetune
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)

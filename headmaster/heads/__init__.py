@@ -21,8 +21,9 @@ It reads vectors from the embedding wing and never judges itself: evaluation and
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from headmaster import lazy_exports
 
 # name -> the module of this wing that defines it; imported on first use, so importing the wing costs nothing
 _EXPORTS = {
@@ -134,11 +135,4 @@ if TYPE_CHECKING:
                                        tag_for, tag_part)
     from headmaster.heads.training import TrainReport, embed_heads, labelled_paths, labelled_rows, train_one
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)

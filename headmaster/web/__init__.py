@@ -12,8 +12,9 @@ It imports no torch and nothing of the daemon: whoever serves the page passes in
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from headmaster import lazy_exports
 
 # name -> the module of this wing that defines it; imported on first use, so importing the wing costs nothing
 _EXPORTS = {
@@ -28,11 +29,4 @@ if TYPE_CHECKING:
     from headmaster.web.review import ReviewService
     from headmaster.web.server import WebError, WebServer
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
