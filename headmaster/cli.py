@@ -397,18 +397,24 @@ def embed(obj, head, engine, address, gpus_per_worker, out, dry_run, device, bat
     with _context(obj, device, batch_size, workers) as c:
         c.workspace.heads_to_use(head)  # before torch loads
         report = embed_heads(c, head)
-        _print_skipped(report.result.skipped, c.workspace.root)
-        for conflict in report.conflicts:
-            _warn("label conflict: " + conflict.describe(c.workspace.heads_dir))
-        for w in report.warnings:
-            _warn(w)
-        for e in report.errors:
-            _warn(e + " (train will refuse this head)")
+        _print_embed_problems(report, c.workspace)
         click.echo(report.result.summary(report.model.name)
                    + (f"; ignored {report.ignored} non-image or hidden files" if report.ignored else ""))
     if timings:
         numbers = dict(report.result.timings(), command_seconds=time.perf_counter() - started)
         click.echo("timings " + json.dumps(numbers), err=True)
+
+
+def _print_embed_problems(report, ws: Workspace) -> None:
+    """What `hm embed` says besides its summary, whichever engine embedded: skipped files, label conflicts,
+    the heads' warnings and errors."""
+    _print_skipped(report.result.skipped, ws.root)
+    for conflict in report.conflicts:
+        _warn("label conflict: " + conflict.describe(ws.heads_dir))
+    for w in report.warnings:
+        _warn(w)
+    for e in report.errors:
+        _warn(e + " (train will refuse this head)")
 
 
 def _embed_ray(obj: dict, head: str | None, options, dry_run: bool, device) -> None:
@@ -424,13 +430,7 @@ def _embed_ray(obj: dict, head: str | None, options, dry_run: bool, device) -> N
         require_ray()  # one line before any model loads
         engine = functools.partial(embed_for_ray, options=options)
         report = embed_heads(c, head, engine=engine)
-        _print_skipped(report.result.skipped, c.workspace.root)
-        for conflict in report.conflicts:
-            _warn("label conflict: " + conflict.describe(c.workspace.heads_dir))
-        for w in report.warnings:
-            _warn(w)
-        for e in report.errors:
-            _warn(e + " (train will refuse this head)")
+        _print_embed_problems(report, c.workspace)
         click.echo(report.result.summary(report.model.name))
         if options.out is not None:
             click.echo(f"Wrote {len(report.result.files)} Parquet files to {options.out}; "
