@@ -154,7 +154,7 @@ def test_unusable_contents_are_remembered_so_a_rerun_needs_no_model(tmp_path, cl
         other = store.add_model("other", str(tmp_path / "gone"), 24)
         with pytest.raises(HeadmasterError):
             embed_paths(store, other, [broken], device="cpu", progress=False)
-        monkeypatch.setattr(pipeline, "PILLOW_VERSION", "0.0-test")
+        monkeypatch.setattr(pipeline, "DECODER_VERSION", "0.0-test")
         with pytest.raises(HeadmasterError):
             embed_paths(store, unloadable, [broken], device="cpu", progress=False)
 

@@ -18,7 +18,7 @@ from loguru import logger
 from headmaster import HeadmasterError
 from headmaster.daemon.hub import Hub
 from headmaster.daemon.worker_client import WorkerCrashed
-from headmaster.embedding import PILLOW_VERSION, file_sha256, scan_paths
+from headmaster.embedding import DECODER_VERSION, file_sha256, scan_paths
 from headmaster.store import Model
 
 CRASHED = "crashed the decoder"  # the reason given for a file that killed the worker twice
@@ -95,7 +95,7 @@ class Calls:
                 found.append((file_sha256(path), CRASHED))
             except OSError:
                 pass
-        self.hub.store.put_unusable(model.id, found, PILLOW_VERSION)
+        self.hub.store.put_unusable(model.id, found, DECODER_VERSION)
 
     # -- the examples' vectors -----------------------------------------------------------
     def embed(self, model: Model, paths: list[Path], head: str) -> None:
@@ -128,6 +128,6 @@ class Calls:
         store = self.hub.store
         scan = scan_paths(store, paths, model.id)
         missing = {p: h for p, h in scan.known.items() if h not in scan.cached}
-        bad = store.unusable(model.id, set(missing.values()), PILLOW_VERSION) if missing else {}
+        bad = store.unusable(model.id, set(missing.values()), DECODER_VERSION) if missing else {}
         todo = [p for p, h in missing.items() if h not in bad] + [p for p, _, _ in scan.to_read]
         return todo, [(p, bad[h]) for p, h in missing.items() if h in bad]

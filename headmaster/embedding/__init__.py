@@ -23,16 +23,16 @@ from headmaster import lazy_exports
 
 # name -> the module of this wing that defines it; imported on first use, so importing the wing costs nothing
 _EXPORTS = {
+    "DECODER_VERSION": "images",
+    "INPUT_NAME": "onnx.runtime",
     "BackboneVectors": "onnx.graph",
     "Context": "context",
+    "Embedder": "embedders",
     "EmbedOptions": "context",
     "EmbedResult": "pipeline",
-    "Embedder": "embedders",
     "ExportReport": "vector_files",
-    "INPUT_NAME": "onnx.runtime",
     "ImageError": "images",
     "ImportReport": "vector_files",
-    "PILLOW_VERSION": "pipeline",
     "PreprocessSpec": "onnx.preprocess",
     "RayOptions": "ray_engine",
     "RayPlan": "ray_engine",
@@ -79,14 +79,14 @@ if TYPE_CHECKING:
     from headmaster.embedding.context import Context, EmbedOptions
     from headmaster.embedding.embedders import Embedder, get_embedder, load_embedder, probe_size
     from headmaster.embedding.heap import release_freed_memory
-    from headmaster.embedding.images import ImageError, file_sha256, load_image
+    from headmaster.embedding.images import DECODER_VERSION, ImageError, file_sha256, load_image
     from headmaster.embedding.onnx.backbone import probe_pixels
     from headmaster.embedding.onnx.graph import BackboneVectors, export_module
     from headmaster.embedding.onnx.preprocess import PreprocessSpec, spec_from_processor
     from headmaster.embedding.onnx.runtime import INPUT_NAME, cpu_session
-    from headmaster.embedding.pipeline import (PILLOW_VERSION, EmbedResult, Skipped, default_workers, embed_for,
-                                               embed_paths, hash_paths, ordered_map, prepare_image, progress_enabled,
-                                               scan_paths, vectors_for, worker_setup)
+    from headmaster.embedding.pipeline import (EmbedResult, Skipped, default_workers, embed_for, embed_paths,
+                                               hash_paths, ordered_map, prepare_image, progress_enabled, scan_paths,
+                                               vectors_for, worker_setup)
     from headmaster.embedding.ray_engine import (RayOptions, RayPlan, RayResult, check_readable_on_workers,
                                                  embed_for_ray, embed_paths_ray, plan_ray, require_ray)
     from headmaster.embedding.registry import activate_model, add_model

@@ -29,7 +29,6 @@ from headmaster.embedding.heap import keep_freed_memory, release_freed_memory
 from headmaster.embedding.images import DECODER_VERSION, ImageError, ImageUnavailable, file_sha256, load_image
 from headmaster.store import FileRecord, Model, Store
 
-PILLOW_VERSION = DECODER_VERSION  # the name hmd imports: Pillow's version and pillow-heif's and rawpy's
 
 if TYPE_CHECKING:
     from headmaster.embedding.context import Context
@@ -325,7 +324,7 @@ def embed_paths(
 
     # hash -> why it cannot be embedded; contents that failed before are skipped without loading the model
     bad: dict[str, str] = store.unusable(model.id, {h for h in scan.known.values() if h not in cached},
-                                         PILLOW_VERSION)
+                                         DECODER_VERSION)
     found_bad: list[tuple[str, str]] = []  # failures of this run that are about the content: remembered
 
     def todo() -> Iterator[tuple[str, Path]]:
@@ -349,7 +348,7 @@ def embed_paths(
                     result.cached += 1
                 elif h in queued or h in bad:
                     continue
-                elif reason := store.unusable(model.id, [h], PILLOW_VERSION).get(h):
+                elif reason := store.unusable(model.id, [h], DECODER_VERSION).get(h):
                     bad[h] = reason
                 else:
                     queued.add(h)
@@ -407,7 +406,7 @@ def embed_paths(
                     flush()
             finally:
                 decoded.close()
-                store.put_unusable(model.id, found_bad, PILLOW_VERSION)
+                store.put_unusable(model.id, found_bad, DECODER_VERSION)
                 sys.setswitchinterval(switch_interval)
                 gate.close()
                 bar.total = bar.n  # duplicates and cached contents among new files were never queued

@@ -33,9 +33,8 @@ import numpy as np
 
 from headmaster import HeadmasterError
 from headmaster.embedding.backends import backend_embedder, check_backend
-from headmaster.embedding.images import ImageError, ImageUnavailable, file_sha256
-from headmaster.embedding.pipeline import (PILLOW_VERSION, EmbedResult, Skipped, prepare_image, progress_enabled,
-                                           scan_paths)
+from headmaster.embedding.images import DECODER_VERSION, ImageError, ImageUnavailable, file_sha256
+from headmaster.embedding.pipeline import EmbedResult, Skipped, prepare_image, progress_enabled, scan_paths
 from headmaster.store import FileRecord, Model, Store
 
 if TYPE_CHECKING:
@@ -118,7 +117,7 @@ class Work:
 def find_work(store: Store, model: Model, paths: list[Path]) -> Work:
     scan = scan_paths(store, paths, model.id)
     pending = {p: h for p, h in scan.known.items() if h not in scan.cached}
-    bad = store.unusable(model.id, set(pending.values()), PILLOW_VERSION)
+    bad = store.unusable(model.id, set(pending.values()), DECODER_VERSION)
     known_todo: dict[Path, str] = {}
     queued: set[str] = set()
     for p, h in pending.items():
@@ -422,7 +421,7 @@ def _run(ray: Any, store: Store, model: Model, work: Work, options: RayOptions, 
     result.actors, result.batch_size, result.backend = actors, batch_size, backend
     # the workers skip contents already cached or failed before: only needed when there are unseen files
     done = frozenset(store.vector_hashes(model.id)) if work.scan.to_read else frozenset()
-    known_bad = store.all_unusable(model.id, PILLOW_VERSION) if work.scan.to_read else {}
+    known_bad = store.all_unusable(model.id, DECODER_VERSION) if work.scan.to_read else {}
     signatures = {p: (key, sig) for p, key, sig in work.scan.to_read}
 
     context = DataContext.get_current()
@@ -504,7 +503,7 @@ def _run(ray: Any, store: Store, model: Model, work: Work, options: RayOptions, 
         if writer is not None:
             result.files = writer.close()
         elif found_bad:
-            store.put_unusable(model.id, found_bad, PILLOW_VERSION)
+            store.put_unusable(model.id, found_bad, DECODER_VERSION)
     result.embed_seconds = time.perf_counter() - t0
 
 
