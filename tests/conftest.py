@@ -11,6 +11,9 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# Ray reads this when it is first imported (whichever test does that first): under `uv run pytest` its workers
+# would otherwise get a copy of the checkout with a freshly built virtual environment in it, 6 GB per session
+os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
 # ONNX exports and head arrays go to $XDG_CACHE_HOME/headmaster: one throwaway cache per test session
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="hm-test-cache-")
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)

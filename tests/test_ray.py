@@ -27,7 +27,6 @@ from headmaster.store import Store
 def ray_local():
     """A local Ray instance for this module: 2 CPUs, no dashboard, nothing reachable from outside."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"  # the workers use this venv, not a copy uv builds per session
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2, logging_level="ERROR",
