@@ -68,6 +68,12 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append(format_worker(s["worker"]))
     for what, problem in (s.get("problems") or {}).items():
         lines.append(f"PROBLEM: {what}: {problem}")
+    if s.get("reload_error"):
+        lines.append(f"PROBLEM: the last reload failed, hmd runs on the old config: {s['reload_error']}")
+    watchdog = s.get("watchdog")
+    if watchdog:
+        lines.append("Watchdog: pinging systemd" if watchdog["pinging"]
+                     else f"Watchdog: NOT pinging systemd: {watchdog['why_not']}")
     inbox = s["inbox"]
     lines.append(f"Inbox: {inbox['path']}: {inbox['queued']} queued, {inbox['sorted']} sorted, "
                  f"{inbox['rejected']} rejected since start")

@@ -318,6 +318,41 @@ def test_hmctl_commands(hmd):
     assert hmd.proc.poll() is None
 
 
+def test_a_bad_config_fails_hmctl_reload_with_the_reason_and_the_old_one_stays(hmd):
+    """`systemctl reload` runs `hmctl reload` (the units' ExecReload=): its exit status is how a bad config reaches
+    systemctl. systemd hears RELOADING=1 (with MONOTONIC_USEC, for Type=notify-reload) and READY=1 around it."""
+    original = hmd.config.read_text()
+    try:
+        for bad, says in ((original.replace("[daemon]\n", "[daemon]\ndebounce = 2\n"), "unknown key 'daemon.debounce'"),
+                          (original + "[daemon\n", "TOML")):
+            hmd.config.write_text(bad)
+            seen, before = len(hmd.notifications), time.monotonic_ns() // 1000
+            r = hmd.ctl("reload")
+            assert r.returncode == 1 and r.stdout == ""
+            assert r.stderr.startswith("Error: reload failed, keeping the old config: config ") and says in r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1
+            told = hmd.notifications[seen:]
+            reloading = next(n for n in told if n.startswith("RELOADING=1"))
+            assert before <= int(reloading.split("MONOTONIC_USEC=")[1]) <= time.monotonic_ns() // 1000
+            assert told.index(reloading) < told.index("READY=1")
+            assert any(n.startswith("STATUS=") and "last reload failed" in n for n in told)
+            s = hmd.status()
+            assert says in s["reload_error"] and hmd.proc.poll() is None
+            assert "PROBLEM: the last reload failed, hmd runs on the old config" in hmd.ctl("status").stdout
+        os.kill(hmd.proc.pid, signal.SIGHUP)  # the same through a signal: logged, and hmd lives on
+        wait_for(lambda: hmd.log_path.read_text().count("reload failed, keeping the old config") >= 3, 10,
+                 "SIGHUP's reload to fail", hmd)
+        assert hmd.proc.poll() is None
+    finally:
+        hmd.config.write_text(original)
+    seen = len(hmd.notifications)
+    r = hmd.ctl("reload")
+    assert r.returncode == 0 and "Reloaded" in r.stdout
+    assert hmd.status()["reload_error"] is None
+    assert "READY=1" in hmd.notifications[seen:] and "last reload failed" not in hmd.notifications[-1]
+    assert "Traceback" not in hmd.log_path.read_text()
+
+
 def test_hmctl_without_a_daemon_says_so(tmp_path):
     r = subprocess.run([*CTL, "--socket", str(tmp_path / "none.sock"), "status"], capture_output=True, text=True)
     assert r.returncode == 1

@@ -1,14 +1,18 @@
-"""The daemon's parts as plain objects: debounce bookkeeping, settle detection, event routing, freshness."""
+"""The daemon's parts as plain objects: debounce bookkeeping, settle detection, event routing, freshness, the heartbeat."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
 
 from helpers import colour_image, fill_bucket
 from watchdog.events import (DirCreatedEvent, FileClosedEvent, FileCreatedEvent, FileDeletedEvent, FileModifiedEvent,
                              FileMovedEvent)
 
+from headmaster.daemon.heartbeat import Heartbeat, WorkerCall, sample_process
 from headmaster.daemon.inbox import inbox_files, resolve_leftovers
 from headmaster.daemon.state import DaemonState, needs_retrain
 from headmaster.daemon.watcher import Settler, WorkspaceHandler
@@ -162,3 +166,68 @@ def test_resolve_leftovers_keeps_one_copy(tmp_path):
     assert left.temps == 1 and sorted(p.name for p, _ in left.duplicates) == ["a.png", "b.png"]
     assert inbox_files(inbox / "c") == [c]  # a genuinely new file stays
     assert sorted(p.name for p in (classified / "c" / "red").iterdir()) == ["a.png", "b_1.png"]
+
+
+def _wait_state(pid: int, states: str) -> None:
+    deadline = time.monotonic() + 10
+    while (sample := sample_process(pid)) is None or sample.state not in states:
+        assert time.monotonic() < deadline, f"pid {pid} never reached state {states}: {sample}"
+        time.sleep(0.01)
+
+
+def _cpu_moved(pid: int, since: int) -> None:
+    deadline = time.monotonic() + 10
+    while sample_process(pid).cpu_ticks <= since:
+        assert time.monotonic() < deadline, f"pid {pid} used no CPU time in 10 s"
+        time.sleep(0.02)
+
+
+def test_the_heartbeat_is_fresh_while_idle_or_moving_and_says_why_when_stuck():
+    clock = [1000.0]
+    beat = Heartbeat(clock=lambda: clock[0])
+    beat.idle()
+    clock[0] += 10_000
+    assert beat.check(60) is None  # waiting for work is never stuck
+    beat.begin("retrain")
+    clock[0] += 59
+    assert beat.check(60) is None
+    beat.beat()  # a long task moved on (a worker call returned, a file was placed)
+    clock[0] += 59
+    assert beat.check(60) is None
+    clock[0] += 2
+    why = beat.check(60)
+    assert why is not None and "'retrain' for 120s" in why and "has not moved for 61s" in why
+    assert beat.snapshot() == {"task": "retrain", "for_s": 120.0, "moved_s_ago": 61.0}
+    beat.idle()
+    assert beat.check(60) is None and beat.snapshot()["task"] is None
+
+
+def test_a_worker_call_moves_while_the_process_uses_cpu_and_not_once_it_is_stopped():
+    """A real busy process stands in for the worker: its CPU time is its progress; SIGSTOP ends it."""
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        clock = [1000.0]
+        beat = Heartbeat(clock=lambda: clock[0])
+        beat.begin("settled")
+        call = WorkerCall("decide", busy.pid, clock[0])
+        assert beat.check(5, call, busy.pid) is None
+        for _ in range(3):  # minutes of a long call, as long as the worker keeps working
+            ticks = sample_process(busy.pid).cpu_ticks
+            _cpu_moved(busy.pid, ticks)
+            clock[0] += 6
+            assert beat.check(5, call, busy.pid) is None
+        os.kill(busy.pid, signal.SIGSTOP)
+        _wait_state(busy.pid, "T")
+        assert beat.check(5, call, busy.pid) is None  # the CPU time it used before it stopped still counts
+        clock[0] += 6
+        why = beat.check(5, call, busy.pid)
+        assert why is not None and f"worker (pid {busy.pid}) in 'decide'" in why and "is stopped (SIGSTOP)" in why
+        assert "'settled' for 24s" in why
+        os.kill(busy.pid, signal.SIGCONT)
+        _wait_state(busy.pid, "R")
+        _cpu_moved(busy.pid, sample_process(busy.pid).cpu_ticks)
+        assert beat.check(5, call, busy.pid) is None  # working again: fresh again
+    finally:
+        busy.kill()
+        busy.wait()
+    assert sample_process(busy.pid) is None  # gone

@@ -94,6 +94,38 @@ def test_the_worker_exits_when_idle_and_a_new_file_wakes_it(hmd):
     assert f"Worker: pid {w['pid']}" in shown and "model loaded since" in shown and "stays loaded" in shown
 
 
+def test_a_worker_that_stops_answering_stops_the_watchdog_pings_and_the_log_says_why(hmd):
+    """WATCHDOG_USEC is 1 s here: the pings (every 0.5 s) go on only while the job thread moves. A worker stopped
+    with SIGSTOP gets a request it never answers; the pings stop, the log and status say why; SIGCONT: they resume."""
+    w = worker(hmd)
+    assert w["running"] and w["idle_seconds"] == 0  # loaded and staying (the test above)
+    log_start = len(hmd.log_path.read_text())
+    dest = hmd.ws / "classified" / "colour" / "red" / "stuck_red.png"
+    os.kill(w["pid"], signal.SIGSTOP)
+    try:
+        colour_image(hmd.ws / "inbox" / "colour" / "stuck_red.png", "red", 7800)
+        wait_for(lambda: "watchdog: not pinging systemd" in hmd.log_path.read_text()[log_start:], 30,
+                 "the watchdog to stop pinging", hmd)
+        line = next(x for x in hmd.log_path.read_text()[log_start:].splitlines() if "not pinging systemd" in x)
+        assert "the job thread has been on 'settled'" in line
+        assert f"waits for the worker (pid {w['pid']}) in 'decide'" in line and "is stopped (SIGSTOP)" in line
+        pings = hmd.notifications.count("WATCHDOG=1")
+        time.sleep(1.5)  # three ping intervals
+        assert hmd.notifications.count("WATCHDOG=1") == pings
+        s = hmd.status()  # answered from a snapshot while the job thread waits
+        assert s["watchdog"]["pinging"] is False and "'decide'" in s["watchdog"]["why_not"]
+        assert s["job"]["task"] == "settled" and s["watchdog_stalls"] >= 1
+        assert "Watchdog: NOT pinging systemd: the job thread has been on 'settled'" in hmd.ctl("status").stdout
+        assert not dest.exists()
+    finally:
+        os.kill(w["pid"], signal.SIGCONT)
+    wait_for(dest.exists, 60, "the file to be sorted once the worker runs again", hmd)
+    wait_for(lambda: "pinging systemd again" in hmd.log_path.read_text()[log_start:], 10, "the pings to resume", hmd)
+    pings = hmd.notifications.count("WATCHDOG=1")
+    wait_for(lambda: hmd.notifications.count("WATCHDOG=1") > pings, 5, "a watchdog ping", hmd)
+    assert hmd.status()["watchdog"]["pinging"] is True and worker(hmd)["pid"] == w["pid"]  # the same worker
+
+
 def test_kill_9_of_the_worker_mid_batch_loses_and_doubles_nothing(hmd):
     inbox, classified = hmd.ws / "inbox" / "colour", hmd.ws / "classified" / "colour"
     originals = {digest(p): p.name for p in (

@@ -9,6 +9,7 @@ corrections.py    learning from corrections and the review page's labels
 answers.py        hmctl's commands and `hmctl status`
 watcher.py        watchdog events from heads/, inbox/ and classified/, settled before they count
 state.py          per-head dirty and retrain bookkeeping, counters
+heartbeat.py      is the job thread moving? what the systemd watchdog ping is tied to
 inbox.py          sorting the inbox: verdicts in, crash-safe moves out
 control.py        the Unix socket hmctl talks to; protocol.py, the worker's JSON messages
 worker_client.py  starting, calling and stopping the worker process

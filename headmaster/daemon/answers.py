@@ -31,8 +31,10 @@ CALL_TIMEOUT_S = 120.0  # how long a control request waits for the worker to be 
 class Answers:
     def __init__(self, hub: Hub, reload: Callable[[], dict[str, Any]],
                  web_status: Callable[[], dict[str, Any] | None],
-                 libraries: Callable[[], list[dict[str, Any]]] = list):
+                 libraries: Callable[[], list[dict[str, Any]]] = list,
+                 watchdog: Callable[[], dict[str, Any]] = dict):
         self.libraries = libraries  # per [[library]]: path, heads, photos, tagged, pending, failed, paused
+        self.watchdog = watchdog  # the job thread's task ("job") and the systemd watchdog's pings ("watchdog")
         self.hub = hub
         self.reload = reload  # the Daemon's: re-reads the config
         self.web_status = web_status  # the review page's address, or why it is not served
@@ -126,7 +128,7 @@ class Answers:
             counters = {"sorted": s.sorted, "rejected": s.rejected}
             extra = {"paused": s.paused, "activity": s.activity, "errors": s.errors,
                      "unreadable_examples": s.unreadable_examples, "bad_requests": s.bad_requests,
-                     "duplicates_resolved": s.duplicates_resolved}
+                     "duplicates_resolved": s.duplicates_resolved, "watchdog_stalls": s.watchdog_stalls}
             problems = dict(s.problems)
         for name, h in heads.items():
             if h["error"] and not h["trained"] and f"checkpoint {name}" not in problems \
@@ -148,5 +150,7 @@ class Answers:
             "queued_tasks": hub.tasks.qsize(),
             "web": self.web_status(),
             "libraries": self.libraries(),
+            "reload_error": hub.reload_error,
+            **self.watchdog(),
             **extra,
         }

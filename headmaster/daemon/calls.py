@@ -47,12 +47,19 @@ class Calls:
     def call(self, op: str, **args: Any) -> Any:
         """A worker call that is retried once if the worker dies in it."""
         try:
-            return self.hub.worker.call(op, **args)
+            return self._call(op, **args)
         except WorkerCrashed as e:
             if self.hub.stopping.is_set():
                 raise
             self.worker_crashed(e, 0)
-        return self.hub.worker.call(op, **args)
+        return self._call(op, **args)
+
+    def _call(self, op: str, **args: Any) -> Any:
+        """One worker call; its end, answered or not, is progress for the watchdog (daemon/heartbeat.py)."""
+        try:
+            return self.hub.worker.call(op, **args)
+        finally:
+            self.hub.heartbeat.beat()
 
     def call_per_file(self, op: str, paths: list[Path], **args: Any) -> tuple[list[Any], list[Path]]:
         """Run `op` over `paths` in the worker; if the worker dies, retry each of those files once, alone.
@@ -60,9 +67,8 @@ class Calls:
         Returns (the results, the files that crashed the worker a second time). Those are remembered as
         unusable for the active model, so neither hmd nor hm decodes them again (until Pillow changes).
         """
-        worker = self.hub.worker
         try:
-            return [worker.call(op, paths=[str(p) for p in paths], **args)], []
+            return [self._call(op, paths=[str(p) for p in paths], **args)], []
         except WorkerCrashed as e:
             if self.hub.stopping.is_set():
                 raise
@@ -70,7 +76,7 @@ class Calls:
         results, crashed = [], []
         for path in paths:
             try:
-                results.append(worker.call(op, paths=[str(path)], **args))
+                results.append(self._call(op, paths=[str(path)], **args))
             except WorkerCrashed as e:
                 if self.hub.stopping.is_set():
                     raise

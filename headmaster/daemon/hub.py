@@ -24,6 +24,7 @@ from loguru import logger
 from headmaster import HeadmasterError
 from headmaster.config import Config
 from headmaster.curation import ensure_schema
+from headmaster.daemon.heartbeat import Heartbeat
 from headmaster.daemon.inbox import inbox_files, inbox_heads
 from headmaster.daemon.state import DaemonState
 from headmaster.daemon.watcher import Settler, reports_closes
@@ -52,6 +53,8 @@ class Hub:
         self.classified_dir = self.ws.classified_dir
         self.socket_path = config.socket_path
         self.state = DaemonState()
+        self.heartbeat = Heartbeat()  # the job thread's: the systemd watchdog is pinged only while it is fresh
+        self.reload_error: str | None = None  # why the last reload failed (the old config is kept), until one works
         self.settler = Settler(config.daemon.settle_seconds, reports_closes())
         self.checkpoints = CheckpointCache()
         self.tasks: queue.Queue[Task] = queue.Queue()
@@ -73,6 +76,8 @@ class Hub:
             self.state.activity = activity
             paused = " (sorting paused)" if self.state.paused else ""
             line = f"{activity}{paused}; sorted {self.state.sorted}, rejected {self.state.rejected}"
+        if self.reload_error:
+            line += f"; last reload failed, old config kept: {self.reload_error}"
         self.notifier.notify(f"STATUS={line}")
 
     def tell_once(self, key: str, message: str) -> bool:

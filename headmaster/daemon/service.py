@@ -91,7 +91,7 @@ class Daemon:
         self.retrainer = Retrainer(hub, self.events, self.calls, self.sorter, on_trained=self.libraries.retrained)
         self.corrections = Corrections(hub, self.events)
         self.answers = Answers(hub, reload=self.reload, web_status=self._web_status,
-                               libraries=self.libraries.status)
+                               libraries=self.libraries.status, watchdog=self._watchdog_status)
         self.server: ControlServer | None = None
         self.observer = None
         self.jobs: threading.Thread | None = None
@@ -102,6 +102,8 @@ class Daemon:
         self.web = None  # the review page's server (headmaster.web.server.WebServer), when [web] enabled
         self.review = None
         self.web_error: str | None = None
+        self.watchdog_limit: float | None = None  # WATCHDOG_USEC in seconds, when systemd watches us
+        self.watchdog_stalled: str | None = None  # why the pings stopped, while they are stopped
 
     # -- life cycle -------------------------------------------------------------------
     def run(self) -> int:
@@ -121,8 +123,8 @@ class Daemon:
                 self._reload_asked = False
                 try:
                     self.reload()
-                except HeadmasterError as e:
-                    logger.error("reload failed, keeping the old config: {}", e)
+                except HeadmasterError:
+                    pass  # logged by reload(); the old config stays
             if self._stop_asked:
                 break
         self.stop()
@@ -207,18 +209,48 @@ class Daemon:
         self._lock_fd = fd
 
     def _start_watchdog_pings(self) -> None:
+        """Ping systemd's watchdog at twice the rate it asks for, but only while the job thread is moving
+        (daemon/heartbeat.py): a daemon whose work is stuck stops pinging, says why, and systemd restarts it."""
         usec = os.environ.get("WATCHDOG_USEC")
         pid = os.environ.get("WATCHDOG_PID")
         if not usec or (pid and pid != str(os.getpid())):
             return
-        interval = max(0.5, int(usec) / 1e6 / 2)  # ping at twice the rate systemd asks for
+        try:
+            limit = int(usec) / 1e6
+        except ValueError:
+            logger.warning("WATCHDOG_USEC={!r} is not a number: not pinging the systemd watchdog", usec)
+            return
+        self.watchdog_limit = limit
+        interval = max(0.5, limit / 2)
+        self.hub.scheduler.add_job(self._watchdog_tick, "interval", seconds=interval, id="watchdog")
+        logger.info("systemd watchdog: pinging every {:.1f}s while the work moves (limit {:.1f}s)", interval, limit)
 
-        def ping() -> None:
-            if self.jobs is not None and self.jobs.is_alive():
-                self.hub.notifier.notify("WATCHDOG=1")
+    def _watchdog_tick(self) -> None:
+        hub, limit = self.hub, self.watchdog_limit
+        if limit is None or hub.stopping.is_set():
+            return
+        if self.jobs is None or not self.jobs.is_alive():
+            why = "the job thread is not running"
+        else:
+            why = hub.heartbeat.check(limit, hub.worker.current_call(), hub.worker.pid)
+        if why is None:
+            if self.watchdog_stalled is not None:
+                logger.warning("watchdog: the work moved on again; pinging systemd again")
+            self.watchdog_stalled = None
+            hub.notifier.notify("WATCHDOG=1")
+            return
+        if self.watchdog_stalled is None:  # said once, when the pings stop
+            hub.state.count("watchdog_stalls")
+            logger.error("watchdog: not pinging systemd: {}; systemd restarts hmd unless it moves on within {:.0f}s "
+                         "(`kill -USR1 {}` dumps every thread's stack)", why, limit, os.getpid())
+        self.watchdog_stalled = why
 
-        self.hub.scheduler.add_job(ping, "interval", seconds=interval, id="watchdog")
-        logger.info("systemd watchdog: pinging every {:.1f}s", interval)
+    def _watchdog_status(self) -> dict[str, Any]:
+        """The job thread's task and, under a systemd watchdog, whether it is pinged (and why not)."""
+        return {"job": self.hub.heartbeat.snapshot(),
+                "watchdog": None if self.watchdog_limit is None else {
+                    "limit_s": self.watchdog_limit, "pinging": self.watchdog_stalled is None,
+                    "why_not": self.watchdog_stalled}}
 
     # -- the review page (headmaster/web), served from its own thread ----------------------
     def _start_web(self) -> None:
@@ -255,9 +287,22 @@ class Daemon:
 
     # -- config -----------------------------------------------------------------------
     def reload(self) -> dict[str, Any]:
-        """Re-read the config; timings, logging and training settings apply now, paths need a restart."""
+        """Re-read the config; timings, logging and training settings apply now, paths need a restart.
+
+        A config that does not load changes nothing: HeadmasterError says why (hmctl reload prints it and
+        exits 1, which fails `systemctl reload`: the units' ExecReload= runs hmctl), the log and
+        `hmctl status` say so until a reload works. systemd hears RELOADING=1 and READY=1 around it.
+        """
         hub = self.hub
-        new = load_config(hub.config.source, hub.ws.root)
+        hub.notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            new = load_config(hub.config.source, hub.ws.root)
+        except HeadmasterError as e:
+            hub.reload_error = str(e)
+            logger.error("reload failed, keeping the old config: {}", e)
+            hub.set_activity(hub.state.activity)  # STATUS= says so too
+            hub.notifier.notify("READY=1")  # the reload is over: hmd runs on, on the old config
+            raise HeadmasterError(f"reload failed, keeping the old config: {e}") from None
         setup_logging(new)
         restart = [key for key, old, now in (
             ("workspace", hub.ws.root, new.workspace_root), ("inbox.path", hub.inbox_dir, new.inbox_dir),
@@ -268,19 +313,24 @@ class Daemon:
         hub.config = new
         hub.settler.settle_seconds = new.daemon.settle_seconds
         hub.worker.set_idle_seconds(new.daemon.model_idle_seconds)
+        hub.reload_error = None
         if restart:
             logger.warning("config reloaded; restart hmd to apply: {}", ", ".join(restart))
         else:
             logger.info("config reloaded from {}", new.source or "defaults")
+        hub.set_activity(hub.state.activity)
+        hub.notifier.notify("READY=1")
         return {"config": str(new.source) if new.source else None, "restart_needed": restart}
 
     # -- the job thread ------------------------------------------------------------------
     def _work(self) -> None:
         hub = self.hub
         while True:
+            hub.heartbeat.idle()  # waiting on an empty queue is never stuck
             task = hub.tasks.get()
             if task is STOP or hub.stopping.is_set():
                 return
+            hub.heartbeat.begin(task.kind)
             try:
                 hub.set_activity(task.kind)
                 if hub.store_ready():

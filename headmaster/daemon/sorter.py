@@ -140,6 +140,7 @@ class Sorter:
 
     def placed(self, p: Placed) -> None:
         hub = self.hub
+        hub.heartbeat.beat()  # each file placed is progress for the watchdog
         where = p.destination.relative_to(hub.classified_dir)
         if hub.config.inbox.dry_run:
             score = "" if p.score is None else f" ({p.score:.2f})"

@@ -43,6 +43,7 @@ class DaemonState:
     duplicates_resolved: int = 0  # inbox copies removed at start because the file was already sorted
     errors: int = 0  # failed jobs (logged)
     bad_requests: int = 0  # malformed or oversized control requests
+    watchdog_stalls: int = 0  # times the systemd watchdog pings stopped because the work did not move
     problems: dict[str, str] = field(default_factory=dict)  # damaged files of our own ('database', 'checkpoint X')
     activity: str = "starting"
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)

@@ -28,6 +28,7 @@ from typing import Any
 from loguru import logger
 
 from headmaster import HeadmasterError
+from headmaster.daemon.heartbeat import WorkerCall
 from headmaster.daemon.protocol import WorkerGone, receive, send
 from headmaster.daemon.state import iso
 
@@ -78,6 +79,7 @@ class WorkerClient:
         self.loaded_since: float | None = None  # wall-clock time the running worker first reported its model loaded
         self.last_used = time.monotonic()
         self.in_flight: str | None = None
+        self.in_flight_since: float | None = None  # monotonic start of the call in flight
         self.starts = 0
         self.crashes = 0
         self.idle_exits = 0
@@ -94,7 +96,7 @@ class WorkerClient:
                 raise WorkerCrashed("hmd is stopping")
             self._cancel_timer()
             sock, proc = self._ensure_started()
-            self.in_flight = op
+            self.in_flight, self.in_flight_since = op, time.monotonic()
             try:
                 send(sock, {"op": op, "args": args})
                 reply = receive(sock)
@@ -106,7 +108,7 @@ class WorkerClient:
                 self.last_crash = f"{iso(time.time())}: pid {proc.pid} {why} during '{op}'"
                 raise WorkerCrashed(f"the worker (pid {proc.pid}) {why} during '{op}'") from None
             finally:
-                self.in_flight = None
+                self.in_flight = self.in_flight_since = None
             if reply.get("loaded") and self.loaded_since is None:
                 self.loaded_since = time.time()
             self.last_used = time.monotonic()
@@ -243,6 +245,13 @@ class WorkerClient:
     def pid(self) -> int | None:
         proc = self._proc
         return proc.pid if proc is not None and proc.poll() is None else None
+
+    def current_call(self) -> WorkerCall | None:
+        """The call in flight and the process serving it, for the watchdog (headmaster/daemon/heartbeat.py)."""
+        op, since, proc = self.in_flight, self.in_flight_since, self._proc
+        if op is None or since is None or proc is None:
+            return None
+        return WorkerCall(op, proc.pid, since)
 
     def info(self) -> dict[str, Any]:
         """A snapshot for `hmctl status`; never waits for a call to finish."""
