@@ -266,8 +266,8 @@ def _library_warnings() -> None:
 def demo(obj, directory: str, device, batch_size, workers) -> None:
     """Try the main job on sample photos, offline, in about a minute.
 
-    Lays out a workspace in DIR (default ./headmaster-demo; new, empty, or an
-    earlier demo): a head of 4 clothing classes from real photos, and held-back
+    Lays out a workspace in DIR (default ./headmaster-demo; new, empty but for
+    a config.toml, or an earlier demo): a head of 4 clothing classes from real photos, and held-back
     photos of the same classes in DIR/unsorted/. Trains the head with the
     built-in backbone (unless DIR has another model registered), copies the
     held-back photos into DIR/classified/clothing/<class>/ or uncertain/, and

@@ -70,6 +70,23 @@ def test_demo_refuses_a_folder_in_use(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
 
 
+def test_demo_takes_a_workspace_that_holds_only_its_config(tmp_path):
+    """`hm config init` then `hm demo` on the same folder (the order docs/daemon.md gives): the config is kept."""
+    from headmaster.heads.demo import lay_out
+
+    ws = tmp_path / "workspace"
+    assert _hm("-w", str(ws), "config", "init").exit_code == 0
+    config = (ws / "config.toml").read_bytes()
+    layout = lay_out(ws)
+    assert not layout.reused and len(list((ws / "unsorted").iterdir())) == 40
+    assert (ws / "config.toml").read_bytes() == config
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.toml").write_text("")
+    (tmp_path / "other" / "mine.txt").write_text("keep me")
+    result = _hm("demo", str(tmp_path / "other"))  # anything beside the config: still refused
+    assert result.exit_code == 1 and "is not empty" in result.output
+
+
 @pytest.mark.parametrize("args, message, bad_head", [
     (["train"], "no heads in", False),
     (["train", "--head", "nope"], "unknown head 'nope'", False),

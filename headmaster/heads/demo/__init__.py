@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from headmaster import HeadmasterError
+from headmaster.config import CONFIG_NAME
 
 if TYPE_CHECKING:
     from headmaster.embedding import Context
@@ -89,12 +90,14 @@ def held_back_samples() -> list[Sample]:
 
 
 def lay_out(root: Path) -> Layout:
-    """Copy the samples into `root` (new or empty, or an earlier demo: files already there are kept as they are)."""
+    """Copy the samples into `root` (new, empty but for a config.toml, or an earlier demo: files already there are
+    kept as they are)."""
     root = Path(root).expanduser().absolute()
     if root.exists() and not root.is_dir():
         raise HeadmasterError(f"{root} exists and is not a folder")
     reused = (root / MARKER).is_file()
-    if root.is_dir() and any(root.iterdir()) and not reused:
+    # `hm config init` may have come first: its config.toml is the one thing a new workspace may already hold
+    if root.is_dir() and any(p.name != CONFIG_NAME for p in root.iterdir()) and not reused:
         raise HeadmasterError(f"{root} exists and is not empty (and holds no earlier demo): give another folder, "
                               f"e.g. `hm demo ./my-demo`")
     truth = {}
