@@ -16,6 +16,7 @@
 # kill lands between batches); nothing else differs from the documented install.
 set -uo pipefail
 
+STARTED=$(date +%s.%N)
 WORK=${HM_NSPAWN_DIR:-/var/tmp/hm-nspawn}
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 BASE=$WORK/base
@@ -37,6 +38,13 @@ pass() { say "PASS  $*"; }
 fail() { say "FAIL  $*"; FAILS=$((FAILS + 1)); }
 info() { say "INFO  $*"; }
 now() { date +%s.%N; }
+secs() { python3 -c "import sys; print(f'{int(sys.argv[1]) / 1e6:.2f}')" "$1"; }  # microseconds -> seconds
+at() {  # seconds from $1 (epoch) to the first journal line of hmd's unit since then that matches $2
+    C journalctl -u hmd --since "@${1%.*}" -o short-unix --no-pager | python3 -c '
+import sys
+t0, pattern = float(sys.argv[1]), sys.argv[2]
+print(next((f"{float(l.split()[0]) - t0:.1f}" for l in sys.stdin if pattern in l), "?"))' "$1" "$2"
+}
 since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$(now)"; }
 
 # -- the tools and the base system ------------------------------------------------------------
@@ -63,6 +71,15 @@ mkdir -p "$ROOT/opt/headmaster" "$ROOT/root/.cache/uv" "$ROOT/home/hmuser/.cache
 (cd "$SRC" && git ls-files -z -co --exclude-standard | while IFS= read -r -d '' f; do
     [ -e "$f" ] && printf '%s\0' "$f"; done | tar --null -T - -cf -) | tar -C "$ROOT/opt/headmaster" -xf -
 
+# A host whose HTTPS goes through an intercepting proxy trusts that proxy's CA in /usr/local/share/ca-certificates:
+# the container trusts the same ones (as any machine on that network must), and uv (which keeps its own roots)
+# is pointed at the system bundle. On an ordinary network this changes nothing.
+TLS_ENV=""
+if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+    cp /usr/local/share/ca-certificates/*.crt "$ROOT/usr/local/share/ca-certificates/"
+    TLS_ENV="SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt"
+fi
+
 # the two install blocks of docs/daemon.md, as they stand (the clone replaced by the copy above)
 extract() {  # $1: which marked block (1: system-wide, 2: per user)
     awk -v want="$1" '/<!-- bench\/systemd_nspawn.sh runs this block/ {n++; next}
@@ -82,17 +99,17 @@ cleanup() {
 }
 trap cleanup EXIT
 PID1=""
-for _ in $(seq 100); do
-    child=$(pgrep -P "$NSPAWN" | head -1)
-    [ -n "$child" ] && PID1=$(pgrep -P "$child" | head -1)
-    [ -n "$PID1" ] && [ "$(cat /proc/"$PID1"/comm 2>/dev/null)" = systemd ] && break
-    PID1=""; sleep 0.1
+for _ in $(seq 300); do  # the container's systemd: nspawn's child (or, while it starts, grandchild)
+    for pid in $(pgrep -P "$NSPAWN") $(for c in $(pgrep -P "$NSPAWN"); do pgrep -P "$c"; done); do
+        [ "$(cat /proc/"$pid"/comm 2>/dev/null)" = systemd ] && PID1=$pid && break 2
+    done
+    sleep 0.1
 done
 [ -n "$PID1" ] || { echo "Error: the container did not boot; see $WORK/console.log" >&2; exit 1; }
 
 C() {  # run a command inside the container, as root, with a clean environment
     nsenter -t "$PID1" -m -u -i -n -p -C -r -w -- env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-        HOME=/root LANG=C.UTF-8 TERM=dumb SYSTEMD_PAGER= SYSTEMD_COLORS=0 "$@"
+        HOME=/root LANG=C.UTF-8 TERM=dumb SYSTEMD_PAGER= SYSTEMD_COLORS=0 $TLS_ENV "$@"
 }
 AS_HM() { C runuser -u headmaster -- "$@"; }
 prop() { C systemctl show hmd -p "$1" --value; }
@@ -107,8 +124,17 @@ wait_until() {  # $1 seconds, then a command that succeeds when done
 }
 journal() { C journalctl -u hmd --since "@$1" -o cat --no-pager; }
 
-state=$(C systemctl is-system-running --wait)
-info "container up ($state): $(C systemctl --version | head -1); host kernel $(uname -r)"
+state=""
+for _ in $(seq 300); do  # until the container's boot is done (its manager answers only after a moment)
+    state=$(C systemctl is-system-running 2>/dev/null)
+    case $state in running|degraded) break ;; esac
+    sleep 0.2
+done
+if [ -n "$TLS_ENV" ]; then
+    C update-ca-certificates --fresh >"$WORK/ca.log" 2>&1 && info "the host's extra CA certificates are trusted in the container too" \
+        || { cat "$WORK/ca.log"; echo "Error: update-ca-certificates failed in the container" >&2; exit 1; }
+fi
+info "container up ($state): $(C systemctl --version | head -1); host kernel $(uname -r); headmaster $(git -C "$SRC" describe --always --dirty) ($(date -u '+%Y-%m-%d %H:%M UTC'))"
 
 # -- install, as docs/daemon.md says -------------------------------------------------------------
 t=$(now)
@@ -137,7 +163,7 @@ import json, sys
 print(next((json.loads(l)["__MONOTONIC_TIMESTAMP"] for l in sys.stdin if " ready in " in json.loads(l).get("MESSAGE", "")), 0))')
 if [ "$(prop Type)" = notify ] && [ "$ready" -gt "$start" ] && [ $((active - start)) -gt 100000 ] \
         && [ $((ready - active)) -lt 500000 ] && [ $((active - ready)) -lt 500000 ]; then
-    pass "active only after READY=1: process started at +0.00s, hmd logged READY at +$(( (ready - start) / 10000 ))e-2s, unit active at +$(( (active - start) / 10000 ))e-2s (Type=notify)"
+    pass "active only after READY=1 (Type=notify): process started at +0.00s, hmd logged READY at +$(secs $((ready - start)))s, unit active at +$(secs $((active - start)))s"
 else
     fail "active only after READY=1: start $start, ready $ready, active $active (monotonic us), type $(prop Type)"
 fi
@@ -146,7 +172,7 @@ fi
 t=$(date +%s); t0=$(now); old=$(prop MainPID); restarts=$(prop NRestarts)
 cpid_kill -STOP "$old"
 if wait_until 60 restarted_from "$old" && journal "$t" | grep -q "Watchdog timeout"; then
-    pass "watchdog restart on SIGSTOP of hmd: $(journal "$t" | grep -m1 -o 'Watchdog timeout.*'), active again as pid $(prop MainPID) $(since "$t0")s after the SIGSTOP (NRestarts $restarts -> $(prop NRestarts))"
+    pass "watchdog restart on SIGSTOP of hmd: '$(journal "$t" | grep -m1 -o 'Watchdog timeout.*')' at +$(at "$t0" "Watchdog timeout")s, active again as pid $(prop MainPID) at +$(since "$t0")s (NRestarts $restarts -> $(prop NRestarts))"
 else
     fail "watchdog restart on SIGSTOP of hmd"; journal "$t" | tail -15
 fi
@@ -168,7 +194,7 @@ if wait_until 120 exists "$ROOT$WS/classified/clothing/*/wake.jpg" \
         if [ -n "$why" ] && printf '%s' "$why" | grep -q "in 'decide'.*stopped (SIGSTOP)" \
                 && printf '%s\n' "$log" | grep -q "Watchdog timeout" && [ "$(echo $order | cut -d' ' -f1)" -lt "$(echo $order | cut -d' ' -f2)" ] \
                 && wait_until 120 exists "$ROOT$WS/classified/clothing/*/stuck.jpg"; then
-            pass "watchdog restart on a stuck work loop (worker pid $worker stopped in a request): hmd logged, then systemd timed out and restarted it $(since "$t0")s after the SIGSTOP; the file was sorted after the restart"
+            pass "watchdog restart on a stuck work loop (worker pid $worker stopped, then a file dropped): hmd stopped pinging and said why at +$(at "$t0" "not pinging systemd")s, systemd's watchdog timeout at +$(at "$t0" "Watchdog timeout")s, active again at +$(since "$t0")s; the file was sorted after the restart"
             say "      hmd: ${why#*ERROR   }"
         else
             fail "watchdog restart on a stuck work loop: the log does not say why before the timeout, or the file was not sorted"
@@ -290,5 +316,5 @@ else
     fi
 fi
 
-say "$([ "$FAILS" -eq 0 ] && echo "all checks passed" || echo "$FAILS check(s) failed") (output: $WORK/output.txt)"
+say "$([ "$FAILS" -eq 0 ] && echo "all checks passed" || echo "$FAILS check(s) failed") in $(since "$STARTED")s (output: $WORK/output.txt)"
 exit $((FAILS > 0))
