@@ -22,7 +22,8 @@ together, and keeps the life cycle (start, signals, reload, stop), the job loop 
 - retrain.py: a dirty head's retrain; sorter.py: sorting the inbox;
 - library.py: keeping the [[library]] photo trees tagged (new photos, and changed decisions after a retrain);
 - corrections.py: learning from corrections (also the review page's labels);
-- answers.py: hmctl's commands and `hmctl status`, also what the review page asks.
+- answers.py: hmctl's commands and `hmctl status`, also what the review page asks;
+- heartbeat.py: whether the job thread is moving; the systemd watchdog is pinged only while it is.
 
 Who writes what in headmaster.db (WAL mode, busy timeout: both processes write safely):
 - the supervisor: the sort log (`sorts`), the file index after a move or removal (`files`),
