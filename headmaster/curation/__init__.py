@@ -30,6 +30,8 @@ _EXPORTS = {
     "ensure_schema": "learning",
     "SKIP_FOLDERS": "tagrecords",
     "find_images": "tagrecords",
+    "forget_gone": "tagrecords",
+    "forget_tag_records": "tagrecords",
     "find_suspects": "ranking",
     "import_labels": "labels",
     "is_correction": "learning",
@@ -58,6 +60,6 @@ if TYPE_CHECKING:
     from headmaster.curation.ranking import find_suspects, rank_folder, rank_rows, suspect_rows
     from headmaster.curation.sidecars import write_sidecars
     from headmaster.curation.tagging import TagOptions, near_cut_rows, nearest_the_cut, tag_images, tag_library
-    from headmaster.curation.tagrecords import SKIP_FOLDERS, find_images, tagged_images
+    from headmaster.curation.tagrecords import SKIP_FOLDERS, find_images, forget_gone, forget_tag_records, tagged_images
 
 __getattr__ = lazy_exports(__name__, _EXPORTS)
