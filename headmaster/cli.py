@@ -588,7 +588,7 @@ def finetune(obj, heads, name, rank, lp_epochs, ft_epochs, blocks, views, lr, se
                   f"frozen heads' {r.reverted[0]:.3f}; {r.base.name} and its heads stay active (use it anyway: "
                   f"hm model-activate --name {r.name}, then hm train)")
         elif not r.improved:
-            _warn(f"the fine-tuned model does not beat the frozen heads on validation"
+            _warn("the fine-tuned model does not beat the frozen heads on validation"
                   + ("; activated anyway (--activate)" if r.activated else
                      f"; {r.base.name} stays active (use it anyway: hm model-activate --name {r.name})"))
         if r.activated:

@@ -183,11 +183,29 @@ def train_one(ctx: Context, head: str, config: "TrainConfig | None" = None) -> T
     save_checkpoint(outcome.checkpoint, path)
     if outcome.val_on_train:
         warnings.append(f"head '{head}': too few images for a validation split; metrics are on training data")
+    if (why := threshold_trap(outcome.checkpoint)) is not None:
+        warnings.append(f"head '{head}': {why}")
     meta = outcome.checkpoint["metadata"]
     return TrainReport(head, outcome.checkpoint["type"], classes, len(rows), outcome.train_count, outcome.val_count,
                        path, meta["metrics"], outcome.checkpoint.get("threshold"),
                        warnings, result.skipped, find_conflicts(labelled, result.hashes), result,
                        outcome.checkpoint["kind"], meta.get("selection"), meta.get("error_goal"))
+
+
+def threshold_trap(checkpoint: dict) -> str | None:
+    """Why a binary checkpoint's threshold leaves one bucket unreachable past its uncertain band, else None."""
+    from headmaster.heads.arrays import HeadRules, decidable_thresholds
+
+    rules = HeadRules(checkpoint)
+    if rules.type != "binary" or rules.threshold is None:
+        return None
+    lo, hi = decidable_thresholds(rules.margin)
+    if lo <= rules.threshold <= hi:
+        return None
+    t, m = rules.threshold, rules.margin
+    gone, edge = (rules.classes[1], f"above {t + m:.2f}") if t > hi else (rules.classes[0], f"below {t - m:.2f}")
+    return (f"threshold {t:.2f} with the uncertain band of ±{m:g} leaves nothing for '{gone}' (a score would have to "
+            f"be {edge}): use a threshold from {lo:.2f} to {hi:.2f}")
 
 
 def warm_config(config: "TrainConfig", previous: dict | None, classes: list[str], input_dim: int) -> "TrainConfig":
