@@ -277,16 +277,22 @@ def test_skip_hides_a_library_photo_and_exclude_is_refused(client, guard, site):
     assert item["id"] in {i["id"] for i in queue(client)["items"]}
 
 
-def test_a_library_that_vanished_is_one_line_on_the_page(site, guard, tmp_path):
+def test_a_library_not_tagged_yet_or_vanished_is_one_line_on_the_page(site, service, guard, tmp_path):
     ws, _ = site
-    gone = LibraryConfig(path=str(tmp_path / "unmounted"))
-    s = ReviewService(Workspace(ws), lambda op, **args: pytest.fail("no model call for a missing library"),
-                      libraries=[gone])
+    fresh = tmp_path / "Fresh"
+    mix(fresh / "a.png", 130, 120)
+    mix(fresh / "b.png", 120, 130)
+    libraries = [LibraryConfig(path=str(tmp_path / "unmounted")), LibraryConfig(path=str(fresh))]
+    s = ReviewService(Workspace(ws), service.model_call, libraries=libraries)
     try:
         with TestClient(create_app(s, guard), base_url=ORIGIN) as c:
             r = c.get("/heads/colour/library/unmounted")
             assert r.status_code == 200 and "is not there (an unmounted disk?)" in r.text
             assert c.get("/heads/colour/library/unmounted.json").status_code == 409
+            q = c.get("/heads/colour/library/Fresh.json").json()
+            assert q["library"]["waiting"] == 2 and q["items"] == []
+            page = c.get("/heads/colour/library/Fresh").text
+            assert f"tag the library first (<code>hm tag {fresh}</code>)" in page and "2 wait for" in page
     finally:
         s.close()
 
