@@ -95,7 +95,7 @@ def site(tmp_path_factory, clip_path):
 def service(site):
     ws, photos = site
     models = LocalWorker(Workspace(ws), EmbedOptions(device="cpu", progress=False))  # as `hm serve` runs it
-    s = ReviewService(Workspace(ws), models.call, libraries=[LibraryConfig(path=str(photos))])
+    s = ReviewService(Workspace(ws), models.call, libraries=[LibraryConfig(path=f"{photos}/2024/..//")])  # normalised
     yield s
     s.close()
     models.close()

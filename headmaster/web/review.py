@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -61,7 +62,8 @@ class ReviewService:
     def __init__(self, ws: Workspace, model_call: ModelCall, teach: Teach | None = None,
                  live: Callable[[], dict[str, Any]] | None = None, libraries: list[LibraryConfig] | None = None):
         self.ws = ws
-        self._libraries = library_names(libraries or [])
+        # roots as hmd keeps them (normalised), so the page's paths and hmd's counts match
+        self._libraries = library_names([replace(lib, path=os.path.normpath(lib.root)) for lib in libraries or []])
         self.model_call = model_call
         self._teach = teach
         self._live = live
