@@ -1256,11 +1256,14 @@ def serve(obj, listen: str | None, token: str | None) -> None:
 
     Label uncertain images and fix suspects in the browser; each label is recorded
     as an example, as moving the file by hand is, and the head learns from it on
-    the next `hm train`. Stop with Ctrl-C.
+    the next `hm train`. The config's [[library]] folders get a queue of their
+    photos nearest each head's cut (photos `hm tag` has scored); a label copies the
+    photo in as an example and leaves it where it is. Stop with Ctrl-C.
     """
     from headmaster.config import check_listen, load_config
 
-    web = load_config(None, obj.get("workspace")).web
+    config = load_config(None, obj.get("workspace"))
+    web = config.web
     listen, token = listen or web.listen, web.token if token is None else token
     try:
         check_listen(listen, token)  # before the slow imports: a refusal is immediate
@@ -1273,7 +1276,7 @@ def serve(obj, listen: str | None, token: str | None) -> None:
     from headmaster.web import ReviewService, WebError, WebServer
 
     models = LocalWorker(ws, EmbedOptions(progress=False))  # the model work on a thread of our own
-    service = ReviewService(ws, models.call)
+    service = ReviewService(ws, models.call, libraries=config.library)  # [[library]]: their queues on the page
     try:
         server = WebServer(service, listen, token)
     except WebError as e:
