@@ -46,6 +46,8 @@ _EXPORTS = {
     "rank_library": "libraryrank",
     "rank_rows": "ranking",
     "rank_uncertain": "learning",
+    "record_skip": "learning",
+    "review_skips": "learning",
     "read_label_csv": "labels",
     "suspect_rows": "ranking",
     "tag_images": "tagging",
@@ -62,7 +64,7 @@ if TYPE_CHECKING:
     from headmaster.curation.labels import import_labels, read_label_csv
     from headmaster.curation.learning import (NOT_LABELS, Learned, check_bucket_name, confirmable, correction_counts,
                                               corrections_log, ensure_schema, is_correction, learn, learn_copy,
-                                              rank_uncertain, unlearn, unlearn_copy)
+                                              rank_uncertain, record_skip, review_skips, unlearn, unlearn_copy)
     from headmaster.curation.libraryrank import LibraryRanking, rank_library
     from headmaster.curation.ranking import find_suspects, rank_folder, rank_rows, suspect_rows
     from headmaster.curation.sidecars import write_sidecars

@@ -52,11 +52,33 @@ CREATE TABLE IF NOT EXISTS corrections (
     kind TEXT NOT NULL      -- 'correction', 'confirmed' or 'unlearned'
 );
 CREATE INDEX IF NOT EXISTS corrections_head_hash ON corrections(head, hash);
+CREATE TABLE IF NOT EXISTS review_skips (  -- images the user skipped on the review page: not offered again
+    head TEXT NOT NULL,
+    hash TEXT NOT NULL,     -- the image's content
+    at TEXT NOT NULL,
+    PRIMARY KEY (head, hash)
+);
 """
 
 
 def ensure_schema(store: Store) -> None:
     store.conn.executescript(SCHEMA)
+
+
+def review_skips(store: Store) -> set[tuple[str, str]]:
+    """(head, hash) of every image skipped on the review page (kept across restarts of hmd and hm serve)."""
+    return set(store.conn.execute("SELECT head, hash FROM review_skips"))
+
+
+def record_skip(store: Store, head: str, hash_: str, skipped: bool = True) -> None:
+    """Remember a skip, or (`skipped=False`, an undo) forget it."""
+    with store.conn:
+        store.conn.execute("BEGIN IMMEDIATE")
+        if skipped:
+            store.conn.execute("INSERT OR REPLACE INTO review_skips (head, hash, at) VALUES (?, ?, ?)",
+                               (head, hash_, datetime.now(timezone.utc).isoformat(timespec="seconds")))
+        else:
+            store.conn.execute("DELETE FROM review_skips WHERE head = ? AND hash = ?", (head, hash_))
 
 
 @dataclass(frozen=True)

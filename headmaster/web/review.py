@@ -31,8 +31,8 @@ from typing import Any, Callable
 
 from headmaster import HeadmasterError
 from headmaster.config import LibraryConfig
-from headmaster.curation import (NOT_LABELS, Learned, check_bucket_name, ensure_schema, learn, learn_copy, unlearn,
-                                 unlearn_copy)
+from headmaster.curation import (NOT_LABELS, Learned, check_bucket_name, ensure_schema, learn, learn_copy, record_skip,
+                                 review_skips, unlearn, unlearn_copy)
 from headmaster.embedding import hash_paths
 from headmaster.evaluation import indexed_leaks, read_figures, save_figures
 from headmaster.fileops import move_into
@@ -76,7 +76,7 @@ class ReviewService:
         self._suspects: dict[str, tuple[tuple[int, int] | None, list[Item]]] = {}  # head -> (checkpoint key, items)
         self._leaks: dict[str, tuple[tuple, list[str]]] = {}  # head -> (its folders' state, the leak warnings)
         self.leak_checks = 0  # how often the leak check really ran (the status poll serves the stored result)
-        self._skipped: set[tuple[str, str]] = set()  # (head, id) the user skipped: not shown again on the queue
+        self._skipped = review_skips(self.store)  # (head, id) the user skipped: not shown again (kept in the db)
         self._checkpoints = CheckpointCache()
 
     @property
@@ -334,6 +334,7 @@ class ReviewService:
         with self._lock:
             item, path = self._current(head, id)
             self._skipped.add((head, id))
+            record_skip(self.store, head, id)
             return self._push(item, path, "skip", item.bucket or UNCERTAIN, path)
 
     def exclude(self, head: str, id: str) -> Action:
@@ -351,6 +352,7 @@ class ReviewService:
             action, item, before, after = self._undo.pop()
             if action.kind == "skip":
                 self._skipped.discard((action.head, action.id))
+                record_skip(self.store, action.head, action.id, skipped=False)
             if action.kind in ("keep", "skip"):
                 return action
             if not after.exists():
