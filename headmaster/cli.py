@@ -485,12 +485,13 @@ def vectors_import(obj, src) -> None:
                    "similarity, no training (--epochs and --lr do not apply). auto: each kind scored on the same "
                    "repeated out-of-fold splits as `hm evaluate`, the simplest within one standard error of the best "
                    "trained on all images. Default: the kind of the head's current checkpoint, else mlp.")
-@click.option("--max-error", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+@click.option("--max-error", type=click.FloatRange(0, 1, max_open=True), default=None,
               metavar="E", help="Choose the uncertain cut from out-of-fold scores so that, of the images the head "
                                 "decides, at most this share is wrong (the one-sided 95% Clopper-Pearson bound, "
                                 "tested cut by cut from the strictest; binary: a band around the threshold, "
                                 "multi-class: a minimum confidence). What it cannot decide goes to uncertain/; "
-                                "when no cut reaches the goal the head sorts nothing.")
+                                "when no cut reaches the goal the head sorts nothing. The goal stays with the head: "
+                                "later retrains (hm train, hmd) keep it. 0 drops it.")
 @embed_options
 @click.pass_obj
 @user_errors

@@ -119,7 +119,8 @@ class Worker:
             training = load_config(None, self.ctx.workspace.root).training  # $HEADMASTER_CONFIG or the workspace's
             kind = training.kind if kind is None else kind
             max_error = training.max_error if max_error is None else max_error
-        config = TrainConfig(epochs=epochs, lr=lr, seed=seed, kind=kind, max_error=max_error or None, warm_start=True)
+        # the config rules hmd's retrains: max_error 0 drops a goal an earlier `hm train --max-error` set
+        config = TrainConfig(epochs=epochs, lr=lr, seed=seed, kind=kind, max_error=max_error, warm_start=True)
         try:
             report = train_one(self.ctx, head, config)
         finally:

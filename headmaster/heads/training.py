@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -136,6 +136,16 @@ def current_kind(ctx: Context, head: str) -> str:
     return "auto" if "selection" in previous.get("metadata", {}) else previous.get("kind", "mlp")
 
 
+def current_error_goal(ctx: Context, head: str, asked: float | None) -> float | None:
+    """The error goal a training uses: `asked` (--max-error; 0 drops the goal), else the one the head's
+    checkpoint holds, so a retrain (plain `hm train`, or hmd's) keeps it as it keeps the kind."""
+    if asked is not None:
+        return asked or None
+    previous = previous_checkpoint(ctx, head)
+    goal = (previous or {}).get("metadata", {}).get("error_goal")
+    return float(goal["max_error"]) if goal else None
+
+
 def labelled_rows(ctx: Context, model: Model, labelled: LabelledSet, result: EmbedResult
                   ) -> tuple[list[np.ndarray], list[int], dict[str, list[str]], list[Path]]:
     """(vectors, class indices, sources per bucket, paths) of the head's images that have a vector, in training order.
@@ -176,6 +186,7 @@ def train_one(ctx: Context, head: str, config: "TrainConfig | None" = None) -> T
         raise HeadmasterError(f"cached vectors have {matrix.shape[1]} dimensions, model '{model.name}' "
                               f"is registered with {model.embed_dim}")
     kind = config.kind or current_kind(ctx, head)
+    config = replace(config, max_error=current_error_goal(ctx, head, config.max_error))
     if config.warm_start:
         config = warm_config(config, previous_checkpoint(ctx, head), classes, int(matrix.shape[1]))
     outcome = train_vectors(head, classes, matrix, np.array(labels), sources, model.name, kind, config)
