@@ -1,7 +1,7 @@
 """Review page benchmark: page load with 1,000 uncertain images, and 100 keyboard labels, in headless Chromium.
 
     uv run python bench/review_page.py [--shared ../shared] [--uncertain 1000] [--labels 100]
-    uv run python bench/review_page.py --model lite0 --uncertain 60 --labels 0 --screenshot docs/review.png
+    uv run python bench/review_page.py --model lite0 --uncertain 60 --labels 0 --screenshot /tmp/review.png
 
 Builds a temporary workspace from the clothing photos in ../shared/data/clothing (a four-bucket
 head, 25 photos a bucket; --uncertain other photos in classified/clothing/uncertain/), embeds

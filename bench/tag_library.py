@@ -1,6 +1,6 @@
 """hm tag on a nested photo library: img/s against hm classify on the same photos, and the re-tag after a retrain.
 
-    uv run python bench/tag_library.py [--shared ../shared] [--limit N] [--train-per-class N] [--work DIR]
+    uv run python bench/tag_library.py [--shared ../shared] [--limit N] [--train-per-class N] [--repeats N] [--work DIR]
 
 Two heads over the real backbone (../shared/models/efficientnet-lite0, registered as `lite0`):
 `clothing` (multi-class, the 10 classes of ../shared/data/clothing/train) and `hat` (binary: hat
@@ -10,7 +10,8 @@ systems) to the photos of both splits: lib/<split>/<class>/<first two letters>/p
 Runs, each `uv run hm ...` in a fresh process as a user types it:
   classify  `hm classify --heads clothing,hat --src FLAT --format csv --output ...` on a flat folder of
             the same photos, their vectors removed from the cache first (cold)
-  tag       `hm tag LIB --heads clothing,hat`, vectors removed first (cold): XMP sidecars written
+  tag       `hm tag LIB --heads clothing,hat`, vectors and sidecars removed first (cold): XMP sidecars written
+            (classify and tag alternate, --repeats pairs; the medians are shown)
   retag     `hm train --head hat --seed 1`, then `hm tag LIB` again: vectors cached, every sidecar updated
   rerun     `hm tag LIB` once more, nothing changed: every image skipped unread
 Prints a Markdown table: wall seconds (with start-up), images, img/s, and hm tag's own summary line.
@@ -22,6 +23,7 @@ import argparse
 import os
 import shutil
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,12 +61,25 @@ def forget_vectors(db: Path, photos: list[Path]) -> None:
         conn.execute("DELETE FROM files WHERE path NOT LIKE ?", (f"{db.parent}%",))
 
 
+def forget_sidecars(db: Path, lib: Path) -> None:
+    """Remove our sidecars under `lib` and their records: the next hm tag writes every one anew."""
+    for x in lib.rglob("*.xmp"):
+        x.unlink()
+    with sqlite3.connect(db) as conn:
+        for table, column in (("tags", "path"), ("tag_sidecars", "image"), ("tag_checks", "path")):
+            try:
+                conn.execute(f"DELETE FROM {table} WHERE {column} LIKE ?", (f"{lib}%",))
+            except sqlite3.OperationalError:  # the tables come with the first hm tag
+                pass
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     ap.add_argument("--limit", type=int, default=None, help="Photos in the library (default: all).")
     ap.add_argument("--train-per-class", type=int, default=None, help="Training photos per class (default: all).")
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--repeats", type=int, default=3, help="Cold classify/tag pairs, alternating (default 3).")
     args = ap.parse_args()
     data, backbone = args.shared / "data" / "clothing", args.shared / "models" / "efficientnet-lite0"
     work = Path(args.work or tempfile.mkdtemp(prefix="hm-tag-bench-"))
@@ -90,13 +105,20 @@ def main() -> None:
     print(f"trained clothing and hat in {train_s:.0f} s")
 
     rows = []
-    forget_vectors(ws / "headmaster.db", every)
-    s, out = hm(["classify", "--heads", "clothing,hat", "--src", str(flat), "--format", "csv", "--output",
-                 str(work / "classify.csv"), "--overwrite"], env)
-    rows.append(("hm classify --heads clothing,hat --format csv (cold)", s, ""))
-    forget_vectors(ws / "headmaster.db", every)
-    s, out = hm(["tag", str(lib), "--heads", "clothing,hat"], env)
-    rows.append(("hm tag LIB --heads clothing,hat (cold)", s, out.splitlines()[-1]))
+    classify_s, tag_s = [], []
+    for i in range(args.repeats):  # cold pairs, alternating, so a load swing hits both commands alike
+        forget_vectors(ws / "headmaster.db", every)
+        s, out = hm(["classify", "--heads", "clothing,hat", "--src", str(flat), "--format", "csv", "--output",
+                     str(work / "classify.csv"), "--overwrite"], env)
+        classify_s.append(s)
+        forget_vectors(ws / "headmaster.db", every)
+        forget_sidecars(ws / "headmaster.db", lib)
+        s, out = hm(["tag", str(lib), "--heads", "clothing,hat"], env)
+        tag_s.append(s)
+        print(f"pair {i + 1}: classify {classify_s[-1]:.1f} s, tag {s:.1f} s", flush=True)
+    runs = f" (cold, median of {args.repeats})" if args.repeats > 1 else " (cold)"
+    rows.append((f"hm classify --heads clothing,hat --format csv{runs}", statistics.median(classify_s), ""))
+    rows.append((f"hm tag LIB --heads clothing,hat{runs}", statistics.median(tag_s), out.splitlines()[-1]))
     train_s, _ = hm(["train", "--head", "hat", "--seed", "1"], env)
     s, out = hm(["tag", str(lib), "--heads", "clothing,hat"], env)
     rows.append((f"hm tag after `hm train --head hat --seed 1` ({train_s:.0f} s)", s, out.splitlines()[-1]))

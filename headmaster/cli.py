@@ -485,12 +485,13 @@ def vectors_import(obj, src) -> None:
                    "similarity, no training (--epochs and --lr do not apply). auto: each kind scored on the same "
                    "repeated out-of-fold splits as `hm evaluate`, the simplest within one standard error of the best "
                    "trained on all images. Default: the kind of the head's current checkpoint, else mlp.")
-@click.option("--max-error", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+@click.option("--max-error", type=click.FloatRange(0, 1, max_open=True), default=None,
               metavar="E", help="Choose the uncertain cut from out-of-fold scores so that, of the images the head "
                                 "decides, at most this share is wrong (the one-sided 95% Clopper-Pearson bound, "
                                 "tested cut by cut from the strictest; binary: a band around the threshold, "
                                 "multi-class: a minimum confidence). What it cannot decide goes to uncertain/; "
-                                "when no cut reaches the goal the head sorts nothing.")
+                                "when no cut reaches the goal the head sorts nothing. The goal stays with the head: "
+                                "later retrains (hm train, hmd) keep it. 0 drops it.")
 @embed_options
 @click.pass_obj
 @user_errors
@@ -588,7 +589,7 @@ def finetune(obj, heads, name, rank, lp_epochs, ft_epochs, blocks, views, lr, se
                   f"frozen heads' {r.reverted[0]:.3f}; {r.base.name} and its heads stay active (use it anyway: "
                   f"hm model-activate --name {r.name}, then hm train)")
         elif not r.improved:
-            _warn(f"the fine-tuned model does not beat the frozen heads on validation"
+            _warn("the fine-tuned model does not beat the frozen heads on validation"
                   + ("; activated anyway (--activate)" if r.activated else
                      f"; {r.base.name} stays active (use it anyway: hm model-activate --name {r.name})"))
         if r.activated:
@@ -1256,11 +1257,14 @@ def serve(obj, listen: str | None, token: str | None) -> None:
 
     Label uncertain images and fix suspects in the browser; each label is recorded
     as an example, as moving the file by hand is, and the head learns from it on
-    the next `hm train`. Stop with Ctrl-C.
+    the next `hm train`. The config's [[library]] folders get a queue of their
+    photos nearest each head's cut (photos `hm tag` has scored); a label copies the
+    photo in as an example and leaves it where it is. Stop with Ctrl-C.
     """
     from headmaster.config import check_listen, load_config
 
-    web = load_config(None, obj.get("workspace")).web
+    config = load_config(None, obj.get("workspace"))
+    web = config.web
     listen, token = listen or web.listen, web.token if token is None else token
     try:
         check_listen(listen, token)  # before the slow imports: a refusal is immediate
@@ -1273,7 +1277,7 @@ def serve(obj, listen: str | None, token: str | None) -> None:
     from headmaster.web import ReviewService, WebError, WebServer
 
     models = LocalWorker(ws, EmbedOptions(progress=False))  # the model work on a thread of our own
-    service = ReviewService(ws, models.call)
+    service = ReviewService(ws, models.call, libraries=config.library)  # [[library]]: their queues on the page
     try:
         server = WebServer(service, listen, token)
     except WebError as e:

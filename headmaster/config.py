@@ -202,6 +202,7 @@ def config_from_dict(data: dict[str, Any], source: Path | None = None) -> Config
             known = ", ".join(["workspace", *(f"[{s}]" for s in SECTIONS), "[[library]]"])
             raise HeadmasterError(f"{where}: unknown key '{key}' (known: {known})")
     _check_values(config, where)
+    _check_libraries(config, where)
     return config
 
 
@@ -240,6 +241,17 @@ def _libraries(value: Any, where: str) -> list[LibraryConfig]:
         roots[root] = at
         out.append(lib)
     return out
+
+
+def _check_libraries(config: Config, where: str) -> None:
+    """A library inside the workspace would tag its examples and sorted copies: refused, naming the key."""
+    ws = Path(os.path.normpath(config.workspace_root))
+    for i, lib in enumerate(config.library):
+        root = Path(os.path.normpath(lib.root))
+        if root == ws or ws in root.parents:
+            raise HeadmasterError(f"{where}: 'library[{i}].path' ({root}) is inside the workspace ({ws}): a library is "
+                                  "a photo folder of your own, outside it (the workspace's heads/ and inbox/ are "
+                                  "headmaster's)")
 
 
 def _check_values(config: Config, where: str) -> None:

@@ -86,6 +86,9 @@ def test_library_tables(tmp_path):
     assert cfg.to_dict()["library"][0] == {"path": "~/Pictures", "heads": "all", "xmp": True, "txt": False,
                                            "recursive": True}
     assert Config().library == [] and "library" not in Config().to_dict()
+    inside = read_config(write(tmp_path / "w.toml", 'workspace = "/srv/photos/headmaster"\n'
+                                                    '[[library]]\npath = "/srv/photos"\n'))
+    assert inside.library[0].root == Path("/srv/photos")  # a workspace inside a library is fine: it is left out
 
 
 @pytest.mark.parametrize("text, key", [
@@ -98,6 +101,8 @@ def test_library_tables(tmp_path):
     ('[[library]]\npath = "/p"\nxmp = false\n', "library[0].xmp"),
     ('[[library]]\npath = "/p"\ntags = 1\n', "library[0].tags"),
     ('library = 3\n', "library"),
+    ('workspace = "/srv/hm"\n[[library]]\npath = "/srv/hm/photos"\n', "library[0].path"),
+    ('workspace = "/srv/hm"\n[[library]]\npath = "/srv/hm"\n', "library[0].path"),
 ])
 def test_bad_library_names_the_key(tmp_path, text, key):
     with pytest.raises(HeadmasterError) as e:

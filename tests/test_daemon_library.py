@@ -166,6 +166,18 @@ def test_a_vanished_library_pauses_and_resumes_untouched(hmd, site):
     settled(hmd, 11)
 
 
+def test_a_deleted_photo_is_forgotten_its_sidecar_kept(hmd, site):
+    _, ws, photos = site
+    photo = photos / "after.png"
+    assert str(photo) in decisions(ws, photos)
+    photo.unlink()
+    del hmd.originals[str(photo)]
+    wait_for(lambda: str(photo) not in decisions(ws, photos) and library(hmd)["photos"] == 10, 60,
+             "the deleted photo's records to go", hmd)
+    assert Path(f"{photo}.xmp").is_file()  # never deleted by us
+    settled(hmd, 10)
+
+
 def test_kill_9_mid_batch_leaves_every_sidecar_whole(hmd, site):
     root, ws, photos = site
     burst = photos / "burst"
@@ -191,7 +203,7 @@ def test_kill_9_mid_batch_leaves_every_sidecar_whole(hmd, site):
         os.utime(t, (t.stat().st_mtime - 60,) * 2)
     (photos / "2024" / ".hm-tmp-in-flight").write_bytes(b"another process writes this now")  # new: left alone
     hmd.start()
-    settled(hmd, 131)
+    settled(hmd, 130)
     assert [p.name for p in photos.rglob(".hm-tmp-*")] == [".hm-tmp-in-flight"]
     if temps:
         assert f"library {photos}: removed {len(temps)} temporary file(s)" in hmd.log_path.read_text()

@@ -179,9 +179,10 @@ def test_linear_and_auto_heads_in_every_command(clip_ctx, colour_head, workspace
     assert ck["metadata"]["selection"]["chosen"] == ck["kind"] and "margin" in ck
     status = invoke(workspace, "status", "--head", "colour").output
     assert "Selection: auto chose" in status and "Error goal: sorts " in status
-    again = invoke(workspace, "train", "--head", "colour", "--epochs", "5", "--max-error", "0.2")
+    again = invoke(workspace, "train", "--head", "colour", "--epochs", "5")
     assert "  auto chose " in again.output  # no --kind: auto stays auto
     ck = read_checkpoint(workspace / "out" / "colour.pt")
+    assert ck["metadata"]["error_goal"]["max_error"] == 0.2 and "margin" in ck  # no --max-error: the goal stays
     export = invoke(workspace, "export", "--format", "onnx", "--dest", str(tmp_path / "onnx"))
     assert export.exit_code == 0, export.output
     meta = json.loads(next((tmp_path / "onnx").glob("*.json")).read_text())
@@ -189,6 +190,16 @@ def test_linear_and_auto_heads_in_every_command(clip_ctx, colour_head, workspace
     assert meta["heads"]["colour"]["uncertain"]["margin"] == pytest.approx(ck["margin"])
     fields = head_fields(clip_ctx.workspace.head("colour"), CheckpointCache().summary(workspace / "out" / "colour.pt"))
     assert fields["selection"].startswith("auto chose ") and fields["sorts"].startswith("sorts ")
+
+
+def test_max_error_0_drops_the_goal(clip_ctx, colour_head, workspace):
+    assert invoke(workspace, "train", "--head", "colour", "--epochs", "3", "--max-error", "0.3").exit_code == 0
+    assert read_checkpoint(workspace / "out" / "colour.pt")["metadata"]["error_goal"]["max_error"] == 0.3
+    dropped = invoke(workspace, "train", "--head", "colour", "--epochs", "3", "--max-error", "0")
+    assert dropped.exit_code == 0, dropped.output
+    ck = read_checkpoint(workspace / "out" / "colour.pt")
+    assert "error_goal" not in ck["metadata"] and "margin" not in ck
+    assert "Error goal" not in invoke(workspace, "status", "--head", "colour").output
 
 
 def test_train_flag_errors(clip_ctx, colour_head, workspace):

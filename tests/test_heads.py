@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from headmaster.heads import HeadMLP, class_weights, load_head, save_checkpoint, stratified_split, train_head
-from headmaster.heads.base import best_f1_threshold
+from headmaster.heads.base import best_f1_threshold, binary_metrics
 
 SEED_KEYS_BINARY = {"type", "input_dim", "model", "model_state_dict", "threshold", "classes", "sources", "metadata"}
 
@@ -77,8 +77,37 @@ def test_class_weights_inverse_frequency():
     assert w[1] / w[0] == pytest.approx(3.0)
 
 
+def test_best_f1_threshold_leaves_both_buckets_reachable():
+    """Imbalanced scores whose F1 is best at 0.96 (hat against everything else): a score within 0.1 of the
+    threshold is uncertain, so 0.96 would sort nothing into positive. The sweep stops at 0.89."""
+    from headmaster.heads import HeadRules, decidable_thresholds
+
+    y = np.array([0] * 40 + [1] * 4)
+    p = np.array([0.01] * 34 + [0.3, 0.6, 0.88, 0.93, 0.94, 0.95] + [0.97, 0.99, 1.0, 1.0])
+    t = best_f1_threshold(y, p)
+    assert binary_metrics(y, p, 0.96)["f1"] == 1.0  # the unconstrained sweep's pick
+    assert decidable_thresholds() == (0.11, 0.89) and t == 0.89
+    rules = HeadRules({"type": "binary", "classes": ["negative", "positive"], "threshold": t})
+    assert [b for b, _ in rules.decide(np.stack([1 - p, p], axis=1))].count("positive") == 2  # 0.99 and up
+    rules = HeadRules({"type": "binary", "classes": ["negative", "positive"], "threshold": 0.96})
+    assert "positive" not in [b for b, _ in rules.decide(np.stack([1 - p, p], axis=1))]  # the trap avoided
+
+
 def test_best_f1_threshold_finds_gap():
     y = np.array([0, 0, 0, 1, 1, 1])
     p = np.array([0.1, 0.2, 0.3, 0.7, 0.8, 0.9])
     t = best_f1_threshold(y, p)
     assert 0.3 < t <= 0.7
+
+
+def test_a_threshold_past_the_band_is_warned_about():
+    from headmaster.heads.training import threshold_trap
+
+    binary = {"type": "binary", "classes": ["negative", "positive"]}
+    assert threshold_trap({**binary, "threshold": 0.5}) is None
+    assert threshold_trap({"type": "multiclass", "classes": ["a", "b", "c"], "threshold": None}) is None
+    high = threshold_trap({**binary, "threshold": 0.95})
+    assert high == ("threshold 0.95 with the uncertain band of ±0.1 leaves nothing for 'positive' (a score would have "
+                    "to be above 1.05): use a threshold from 0.11 to 0.89")
+    assert "nothing for 'negative'" in threshold_trap({**binary, "threshold": 0.05})
+    assert threshold_trap({**binary, "threshold": 0.95, "margin": 0.02}) is None  # a narrower band (--max-error)

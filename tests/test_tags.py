@@ -23,7 +23,8 @@ from PIL import Image
 
 from headmaster import HeadmasterError
 from headmaster.cli import cli
-from headmaster.curation import TagOptions, nearest_the_cut, tag_images, tag_library, tagged_images
+from headmaster.curation import (TagOptions, find_images, forget_gone, forget_tag_records, nearest_the_cut, tag_images,
+                                 tag_library, tagged_images)
 from headmaster.curation.xmp import HeadRecord, SidecarError, merge_sidecar
 from headmaster.embedding import Context, EmbedOptions, add_model
 from headmaster.embedding.images import register_heif
@@ -313,6 +314,43 @@ def test_after_a_retrain_only_changed_decisions_are_rewritten(trained, tmp_path)
         == len(photos) - len(changed)
     assert tagged_images(trained.store, lib, stats, {"warm": created()}) == set(stats)  # a restart: nothing to do
     assert tag_images(trained, photos, ["warm"], options).counts()["xmp"] == {"unchanged": len(photos)}
+
+
+def test_a_deleted_photo_loses_its_records_not_its_sidecar(trained, tmp_path):
+    """forget_gone (hmd's listing) and forget_tag_records (a delete event): records of photos no longer there go;
+    a sidecar left behind keeps its record (still ours); nothing on disk is deleted."""
+    lib = tmp_path / "lib"
+    keep = colour_image(lib / "keep.png", "red", 500)
+    gone = colour_image(lib / "old" / "gone.png", "blue", 501)
+    both = colour_image(lib / "old" / "both.png", "green", 502)
+    tag_images(trained, [keep, gone, both], ["warm", "hue"], TagOptions(txt=True))
+    db = trained.store.conn
+
+    def recorded(table: str, column: str = "path") -> set[str]:
+        return {r[0] for r in db.execute(f"SELECT {column} FROM {table} WHERE {column} LIKE ?", (f"{lib}%",))}
+
+    assert recorded("tags") == {str(keep), str(gone), str(both)}
+    gone.unlink()
+    both.unlink()
+    Path(f"{both}.xmp").unlink()  # the user cleared this photo's sidecars too
+    both.with_suffix(".txt").unlink()
+    assert forget_gone(trained.store, lib, {str(keep)}) == 2
+    assert recorded("tags") == {str(keep)}
+    assert recorded("tag_sidecars", "image") == {str(keep), str(gone)}  # gone's sidecars are still there
+    assert Path(f"{gone}.xmp").is_file() and gone.with_suffix(".txt").is_file()
+    assert forget_gone(trained.store, lib, {str(keep)}) == 0
+    keep.unlink()
+    assert forget_tag_records(trained.store, lib / "old") == 0  # a folder: only what was below it
+    assert forget_tag_records(trained.store, keep) == 1 and recorded("tags") == set()
+
+
+def test_find_images_leaves_out_an_excluded_folder(tmp_path):
+    lib = tmp_path / "photos"
+    colour_image(lib / "a.png", "red", 1)
+    colour_image(lib / "headmaster" / "heads" / "hue" / "red" / "b.png", "red", 2)
+    colour_image(lib / "headmaster-2" / "c.png", "red", 3)
+    found = find_images([lib], exclude=[lib / "headmaster"])
+    assert found.images == [lib / "a.png", lib / "headmaster-2" / "c.png"]
 
 
 def test_uncertain_lists_nearest_the_cut(trained, tmp_path):

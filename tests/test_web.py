@@ -257,6 +257,24 @@ def test_skip_leaves_the_image_where_it_is_and_undo_shows_it_again(client, guard
     assert client.get("/heads/colour.json").json()["items"][0]["id"] == item["id"]
 
 
+def test_a_skip_outlives_a_restart_and_its_undo_too(client, guard, site):
+    """Skips are kept in headmaster.db: a new ReviewService (hmd or hm serve started again) does not offer the
+    skipped image again; an undo forgets the skip there too."""
+    item = client.get("/heads/colour.json").json()["items"][0]
+    assert post(client, guard, "/api/skip", {"head": "colour", "id": item["id"]}).status_code == 200
+    models = LocalWorker(Workspace(site), EmbedOptions(device="cpu", progress=False))
+    again = ReviewService(Workspace(site), models.call)
+    try:
+        assert item["id"] not in {i.id for i in again.queue("colour", 60)}
+        assert post(client, guard, "/api/undo").json()["action"]["kind"] == "skip"
+        third = ReviewService(Workspace(site), models.call)
+        assert item["id"] in {i.id for i in third.queue("colour", 60)}
+        third.close()
+    finally:
+        again.close()
+        models.close()
+
+
 def test_a_worker_that_fails_to_rank_is_an_error_on_the_page_not_an_empty_queue(site, guard):
     def failing(op: str, **args):
         raise HeadmasterError(f"the model worker stopped while answering {op}")

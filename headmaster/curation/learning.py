@@ -52,11 +52,33 @@ CREATE TABLE IF NOT EXISTS corrections (
     kind TEXT NOT NULL      -- 'correction', 'confirmed' or 'unlearned'
 );
 CREATE INDEX IF NOT EXISTS corrections_head_hash ON corrections(head, hash);
+CREATE TABLE IF NOT EXISTS review_skips (  -- images the user skipped on the review page: not offered again
+    head TEXT NOT NULL,
+    hash TEXT NOT NULL,     -- the image's content
+    at TEXT NOT NULL,
+    PRIMARY KEY (head, hash)
+);
 """
 
 
 def ensure_schema(store: Store) -> None:
     store.conn.executescript(SCHEMA)
+
+
+def review_skips(store: Store) -> set[tuple[str, str]]:
+    """(head, hash) of every image skipped on the review page (kept across restarts of hmd and hm serve)."""
+    return set(store.conn.execute("SELECT head, hash FROM review_skips"))
+
+
+def record_skip(store: Store, head: str, hash_: str, skipped: bool = True) -> None:
+    """Remember a skip, or (`skipped=False`, an undo) forget it."""
+    with store.conn:
+        store.conn.execute("BEGIN IMMEDIATE")
+        if skipped:
+            store.conn.execute("INSERT OR REPLACE INTO review_skips (head, hash, at) VALUES (?, ?, ?)",
+                               (head, hash_, datetime.now(timezone.utc).isoformat(timespec="seconds")))
+        else:
+            store.conn.execute("DELETE FROM review_skips WHERE head = ? AND hash = ?", (head, hash_))
 
 
 @dataclass(frozen=True)
@@ -148,6 +170,54 @@ def learn(store: Store, ws: Workspace, head: str, bucket: str, path: Path, hash_
     _index(store, target, hash_)
     _record(store, head, hash_, bucket, path, target, kind)
     return Learned(head, bucket, hash_, target, "added")
+
+
+LIBRARY = "library"  # the corrections kind of an example copied in from a photo library
+
+
+def learn_copy(store: Store, ws: Workspace, head: str, bucket: str, source: Path, hash_: str) -> Learned:
+    """Make a library photo an example of heads/<head>/<bucket>/ by COPYING it there (the review page's library
+    queue). The photo stays where it is, untouched: the copy is written and fsynced under a temp name, then
+    given the photo's own name (a clash gets a new name: fileops.copy_into). Content an earlier label
+    made an example of another bucket is moved there instead, never copied twice; content that is an
+    example of this bucket already is left as it is. Recorded in `corrections` as kind 'library'.
+    """
+    if bucket in NOT_LABELS or bucket.startswith(NOT_BUCKET_PREFIXES):
+        raise HeadmasterError(f"'{bucket}' is not a bucket one can learn from")
+    ensure_schema(store)
+    folder = ws.heads_dir / head / bucket
+    latest = _latest(store, head, hash_)
+    if latest and latest[2] != "unlearned" and Path(latest[1]).exists():
+        previous, example = latest[0], Path(latest[1])
+        if example.parent == folder:
+            return Learned(head, bucket, hash_, example, "unchanged", previous)
+        target = move_into(example, folder)
+        store.forget_files([str(example)])
+        _index(store, target, hash_)
+        _record(store, head, hash_, bucket, source, target, LIBRARY)
+        return Learned(head, bucket, hash_, target, "moved", previous)
+    for record in store.files_under(str(folder) + os.sep):  # the user's own example of this content
+        if record.hash == hash_ and os.path.exists(record.path):
+            return Learned(head, bucket, hash_, Path(record.path), "unchanged")
+    target = copy_into(Path(source), folder)
+    _index(store, target, hash_)
+    _record(store, head, hash_, bucket, source, target, LIBRARY)
+    return Learned(head, bucket, hash_, target, "added")
+
+
+def unlearn_copy(store: Store, head: str, hash_: str, example: Path, source: Path) -> None:
+    """Undo learn_copy's 'added': remove the copy it made, only while the library photo it was copied from is
+    still there (so no image loses its last copy); HeadmasterError otherwise."""
+    ensure_schema(store)
+    latest = _latest(store, head, hash_)
+    if not latest or latest[2] != LIBRARY or Path(latest[1]) != example or not example.exists():
+        raise HeadmasterError(f"{example.name} is not an example copied from a library by the last label")
+    if not source.is_file():
+        raise HeadmasterError(f"{source} is gone from its library; the example {example.name} stays")
+    os.unlink(example)  # our own copy; the photo it came from is still in its library
+    fsync_dir(example.parent)
+    store.forget_files([str(example)])
+    _record(store, head, hash_, latest[0], source, example, "unlearned")
 
 
 def unlearn(store: Store, ws: Workspace, head: str, file: Path) -> Path:

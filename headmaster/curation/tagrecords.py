@@ -58,14 +58,16 @@ class Found:
     symlinks: int = 0  # symlinks not followed
 
 
-def find_images(sources: list[Path], recursive: bool = True) -> Found:
+def find_images(sources: list[Path], recursive: bool = True, exclude: list[Path] = ()) -> Found:
     """The images under `sources` (files as given; folders walked), sorted, each once.
 
     Hidden files and folders (a leading dot) and NAS housekeeping folders are skipped; symlinks are
     not followed (a link to a folder above would loop, and a linked photo is tagged where it lives).
+    Folders in `exclude` (hmd's workspace inside a library) are not walked.
     """
     found = Found()
     seen: set[Path] = set()
+    skip = {os.path.normpath(p) for p in exclude}
     for src in map(Path, sources):
         if src.is_file():
             if not is_image_name(src):
@@ -83,6 +85,8 @@ def find_images(sources: list[Path], recursive: bool = True) -> Found:
                     found.hidden += 1
                 elif os.path.islink(os.path.join(folder, d)):
                     found.symlinks += 1
+                elif skip and os.path.normpath(os.path.join(folder, d)) in skip:
+                    continue
                 else:
                     keep.append(d)
             dirs[:] = sorted(keep) if recursive else []
@@ -148,3 +152,39 @@ def tagged_images(store: Store, root: Path, stats: dict[str, tuple[int, int]], h
         if all((known[2], created) in done.get((path, head), ()) for head, created in heads.items()):
             out.add(path)
     return out
+
+
+def forget_gone(store: Store, root: Path, present: set[str]) -> int:
+    """Drop the records of images under `root` that are no longer there (`present`: the listing now).
+
+    Returns how many images were forgotten; see `_forget`.
+    """
+    ensure_tag_schema(store)
+    gone = {r[0] for table in ("tags", "tag_checks") for r in _under(store, f"SELECT path FROM {table}", root)}
+    return _forget(store, sorted(gone - present))
+
+
+def forget_tag_records(store: Store, path: Path) -> int:
+    """Drop the records of the image `path`, or of every image below it if it was a folder (it left the library)."""
+    ensure_tag_schema(store)
+    gone = {r[0] for table in ("tags", "tag_checks") for r in
+            [*store.conn.execute(f"SELECT path FROM {table} WHERE path = ?", (str(path),)),
+             *_under(store, f"SELECT path FROM {table}", path)]}
+    return _forget(store, sorted(gone))
+
+
+def _forget(store: Store, gone: list[str]) -> int:
+    """Their decisions (`tags`, `tag_checks`) go; a sidecar's record goes only if the sidecar is gone too (one
+    left behind stays ours, so a photo put back is updated, not taken for the user's). Deletes no file."""
+    if not gone:
+        return 0
+    marks = ",".join("?" * len(gone)) if len(gone) < 500 else None
+    rows = (store.conn.execute(f"SELECT sidecar FROM tag_sidecars WHERE image IN ({marks})", gone) if marks else
+            (r for r in store.conn.execute("SELECT sidecar, image FROM tag_sidecars") if r[1] in set(gone)))
+    sidecars = [r[0] for r in rows if not os.path.lexists(r[0])]
+    with store.conn:
+        store.conn.execute("BEGIN IMMEDIATE")
+        store.conn.executemany("DELETE FROM tags WHERE path = ?", [(p,) for p in gone])
+        store.conn.executemany("DELETE FROM tag_checks WHERE path = ?", [(p,) for p in gone])
+        store.conn.executemany("DELETE FROM tag_sidecars WHERE sidecar = ?", [(s,) for s in sidecars])
+    return len(gone)

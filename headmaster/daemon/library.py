@@ -10,6 +10,8 @@ at a time), and after a head it uses retrains rewrites only the photos whose dec
 Library files are never moved, renamed or opened for writing, and nothing is untagged: a library
 whose folder vanishes (an unmounted disk) pauses with one log line and resumes when it is back
 (a timer stats the roots every LIBRARY_CHECK_S seconds); its photos keep their sidecars and records.
+A photo deleted from a library that is there loses its records in the database at the next listing
+(its sidecars stay). A workspace inside a library is not part of it.
 
     [[library]]
     path = "~/Pictures"
@@ -28,7 +30,7 @@ from loguru import logger
 
 from headmaster import HeadmasterError
 from headmaster.config import LibraryConfig
-from headmaster.curation import SKIP_FOLDERS, find_images, tagged_images
+from headmaster.curation import SKIP_FOLDERS, find_images, forget_gone, forget_tag_records, tagged_images
 from headmaster.daemon.calls import CRASHED, Calls
 from headmaster.daemon.hub import Hub, Task
 from headmaster.fileops import remove_stale_temps
@@ -114,21 +116,30 @@ class Libraries:
                 if removed := remove_stale_temps(lib.root, STALE_TEMP_S):
                     logger.info("library {}: removed {} temporary file(s) left by an interrupted write", lib.root,
                                 removed)
-            images = find_images([lib.root], lib.config.recursive).images
+            images = find_images([lib.root], lib.config.recursive, exclude=self._inside(lib)).images
         except (OSError, HeadmasterError) as e:  # vanished while we listed it: the timer finds it missing
             logger.warning("library {}: cannot list it: {}", lib.root, getattr(e, "strerror", None) or e)
             return
         stats = {str(p): st for p in images if (st := _stat(p)) is not None}
         with self.lock:
             lib.photos = stats
+        if lib.root.is_dir() and (gone := forget_gone(self.hub.store, lib.root, set(stats))):
+            logger.info("library {}: forgot the tag records of {} photo(s) no longer there (their sidecars stay)",
+                        lib.root, gone)
         self._tag(lib, stats)
+
+    def _inside(self, lib: LibraryState) -> list[Path]:
+        """The workspace, when it lies inside this library: its examples and sorted copies are not library photos."""
+        ws = Path(os.path.normpath(self.hub.ws.root.absolute()))
+        return [ws] if lib.root in ws.parents else []
 
     def settled(self, paths: list[Path]) -> None:
         """Photos under a library that stopped changing: tag those that are not current."""
         by_lib: dict[int, dict[str, tuple[int, int]]] = {}
         for p in paths:
             lib = self.find(p)
-            if lib is None or lib.paused or not _wanted(lib, p) or (st := _stat(p)) is None:
+            if lib is None or lib.paused or not _wanted(lib, p) or any(w == p or w in p.parents for w in
+                                                                       self._inside(lib)) or (st := _stat(p)) is None:
                 continue
             by_lib.setdefault(id(lib), {})[str(p)] = st
             with self.lock:
@@ -138,7 +149,8 @@ class Libraries:
                 self._tag(lib, by_lib[id(lib)])
 
     def forget(self, path: Path) -> None:
-        """A photo or folder left a library (removed or moved away): no longer counted; its sidecars stay."""
+        """A photo or folder left a library (removed or moved away): no longer counted, its records in the database
+        dropped; its sidecars stay. Not while the library's root itself is gone (that pauses it, and forgets nothing)."""
         lib = self.find(path)
         if lib is None:
             return
@@ -148,6 +160,8 @@ class Libraries:
                 lib.photos.pop(p, None)
                 lib.tagged.discard(p)
                 lib.failed.pop(p, None)
+        if path != lib.root and lib.root.is_dir() and not os.path.lexists(path):
+            forget_tag_records(self.hub.store, path)
 
     def _present(self, lib: LibraryState) -> bool:
         """Pause a library whose root is missing (once), resume it when it is back."""

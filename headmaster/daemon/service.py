@@ -265,7 +265,8 @@ class Daemon:
             self.review = ReviewService(
                 self.hub.ws, self.answers.worker_call, live=self.answers.status,
                 teach=lambda store, head, bucket, path, hash_: self.corrections.teach(
-                    head, bucket, path, hash_, "correction", store=store))
+                    head, bucket, path, hash_, "correction", store=store),
+                libraries=list(self.hub.config.library))  # their queues; a label copies a photo into heads/
             self.web = WebServer(self.review, web.listen, web.token)
             url = self.web.start()
         except (WebError, OSError, HeadmasterError, sqlite3.DatabaseError) as e:

@@ -19,6 +19,8 @@ Operations (OPS below), each a plain function of keyword arguments returning JSO
   tag(paths, heads, xmp, txt)       library photos' sidecars, rewritten where a decision changed (tagged,
                                     unchanged, failed with reasons); never opens a photo for writing
   rank_uncertain(head, limit)       classified/<head>/uncertain/ by margin (as `hmctl uncertain`)
+  rank_library(root, head, recursive, limit)  a library's photos nearest the head's cut, from cached vectors
+                                    only (curation.rank_library): the review page's library queue
   default_model()                   the active model; registers the built-in backbone when none is
   suspects(head, folds, limit, epochs)  labelled examples the head doubts most (as `hm suspects`)
   figures(head)                     the review page's confusion matrix and `hm evaluate` figures
@@ -117,7 +119,8 @@ class Worker:
             training = load_config(None, self.ctx.workspace.root).training  # $HEADMASTER_CONFIG or the workspace's
             kind = training.kind if kind is None else kind
             max_error = training.max_error if max_error is None else max_error
-        config = TrainConfig(epochs=epochs, lr=lr, seed=seed, kind=kind, max_error=max_error or None, warm_start=True)
+        # the config rules hmd's retrains: max_error 0 drops a goal an earlier `hm train --max-error` set
+        config = TrainConfig(epochs=epochs, lr=lr, seed=seed, kind=kind, max_error=max_error, warm_start=True)
         try:
             report = train_one(self.ctx, head, config)
         finally:
@@ -164,6 +167,12 @@ class Worker:
         return [{"path": str(u.path), "guess": u.bucket, "score": round(u.score, 4), "margin": round(u.margin, 4)}
                 for u in rank_uncertain(self.ctx, head, limit)]
 
+    def rank_library(self, root: str, head: str, recursive: bool = True, limit: int | None = None
+                     ) -> dict[str, Any]:
+        from headmaster.curation import rank_library
+
+        return rank_library(self.ctx, Path(root), head, recursive, limit).to_dict()
+
     def suspects(self, head: str, folds: int = 5, limit: int | None = None, epochs: int | None = None
                  ) -> dict[str, Any]:
         from headmaster.curation import find_suspects
@@ -191,7 +200,8 @@ class Worker:
 
 
 OPS: dict[str, Callable[..., Any]] = {name: getattr(Worker, name) for name in (
-    "hello", "embed", "default_model", "train", "decide", "tag", "rank_uncertain", "suspects", "figures")}
+    "hello", "embed", "default_model", "train", "decide", "tag", "rank_uncertain", "rank_library", "suspects",
+    "figures")}
 
 
 class LocalWorker:

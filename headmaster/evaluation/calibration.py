@@ -19,8 +19,8 @@ import numpy as np
 from headmaster import HeadmasterError
 from headmaster.embedding import Context
 from headmaster.evaluation.repeated import head_vectors
-from headmaster.heads import (BINARY_MARGIN, MULTICLASS_MIN_CONFIDENCE, binary_metrics, load_trained, read_checkpoint,
-                              repeated_splits, save_checkpoint)
+from headmaster.heads import (BINARY_MARGIN, MULTICLASS_MIN_CONFIDENCE, binary_metrics, decidable_thresholds,
+                              load_trained, read_checkpoint, repeated_splits, save_checkpoint)
 
 THRESHOLDS = np.round(np.arange(0.01, 1.0, 0.01), 2)
 SHOWN_THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)
@@ -88,7 +88,10 @@ def choose_threshold(rows: list[ThresholdRow], target_precision: float | None = 
                      target_recall: float | None = None) -> ThresholdRow:
     """Precision target: the highest recall among thresholds that reach it. Recall target: the highest
     precision among those that reach it. Neither: the best F1. Ties go to the threshold nearest 0.5
-    (as `hm train`), which leaves room for the uncertainty margin on both sides."""
+    (as `hm train`), which leaves room for the uncertainty margin on both sides. Only thresholds that leave
+    both buckets reachable past that margin are chosen (heads.decidable_thresholds); the table shows all."""
+    lo, hi = decidable_thresholds(BINARY_MARGIN)
+    rows = [r for r in rows if lo <= r.threshold <= hi]
     if target_precision is not None:
         ok = [r for r in rows if r.positive > 0 and r.precision >= target_precision]
         if not ok:

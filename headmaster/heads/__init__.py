@@ -28,6 +28,7 @@ from headmaster import lazy_exports
 # name -> the module of this wing that defines it; imported on first use, so importing the wing costs nothing
 _EXPORTS = {
     "BINARY_MARGIN": "arrays",
+    "decidable_thresholds": "arrays",
     "FILE_FORMATS": "output",
     "FORMATS": "output",
     "HEAD_KINDS": "checkpoint",
@@ -110,7 +111,8 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from headmaster.heads.arrays import BINARY_MARGIN, MULTICLASS_MIN_CONFIDENCE, UNCERTAIN, HeadRules
+    from headmaster.heads.arrays import (BINARY_MARGIN, MULTICLASS_MIN_CONFIDENCE, UNCERTAIN, HeadRules,
+                                         decidable_thresholds)
     from headmaster.heads.base import (TrainConfig, TrainedHead, binary_metrics, class_weights, multiclass_metrics,
                                        prepare_inputs, stratified_split, training_split)
     from headmaster.heads.checkpoint import (HEAD_KINDS, head_from_checkpoint, load_head, read_checkpoint,

@@ -26,6 +26,16 @@ from headmaster.workspace import cache_root
 UNCERTAIN = "uncertain"
 BINARY_MARGIN = 0.1  # binary: within this of the threshold is uncertain
 MULTICLASS_MIN_CONFIDENCE = 0.5  # multi-class: top probability below this is uncertain
+
+
+def decidable_thresholds(margin: float = BINARY_MARGIN) -> tuple[float, float]:
+    """The lowest and highest binary threshold (on the 0.01 grid) that leave both buckets reachable.
+
+    A score within `margin` of the threshold is uncertain, so a threshold of 0.95 would send every
+    image scoring above 0.85 to uncertain/ and none to the positive bucket: F1 sweeps and
+    calibration choose only among thresholds in this range.
+    """
+    return round(margin + 0.01, 2), round(1 - margin - 0.01, 2)
 ARRAYS_VERSION = 1  # bump when the cached layout changes
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from headmaster import HeadmasterError
-from headmaster.heads.arrays import HeadRules
+from headmaster.heads.arrays import BINARY_MARGIN, HeadRules, decidable_thresholds
 
 
 @dataclass(frozen=True)
@@ -134,10 +134,12 @@ def multiclass_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> d
     return {"accuracy": float((pred == y).mean()) if len(y) else 0.0, "per_class": per_class}
 
 
-def best_f1_threshold(y: np.ndarray, p: np.ndarray) -> float:
-    """Sweep 0.01..0.99 and keep the threshold with the best F1 (ties: the one nearest 0.5)."""
+def best_f1_threshold(y: np.ndarray, p: np.ndarray, margin: float = BINARY_MARGIN) -> float:
+    """Sweep the thresholds that leave both buckets reachable past the uncertain band (0.11..0.89 with the
+    default margin of 0.1: arrays.decidable_thresholds) and keep the best F1 (ties: the one nearest 0.5)."""
+    lo, hi = decidable_thresholds(margin)
     best, best_key = 0.5, (-1.0, 0.0)
-    for t in np.round(np.arange(0.01, 1.0, 0.01), 2):
+    for t in np.round(np.arange(lo, hi + 0.005, 0.01), 2):
         key = (round(binary_metrics(y, p, float(t))["f1"], 12), -abs(float(t) - 0.5))
         if key > best_key:
             best, best_key = float(t), key

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -136,6 +136,16 @@ def current_kind(ctx: Context, head: str) -> str:
     return "auto" if "selection" in previous.get("metadata", {}) else previous.get("kind", "mlp")
 
 
+def current_error_goal(ctx: Context, head: str, asked: float | None) -> float | None:
+    """The error goal a training uses: `asked` (--max-error; 0 drops the goal), else the one the head's
+    checkpoint holds, so a retrain (plain `hm train`, or hmd's) keeps it as it keeps the kind."""
+    if asked is not None:
+        return asked or None
+    previous = previous_checkpoint(ctx, head)
+    goal = (previous or {}).get("metadata", {}).get("error_goal")
+    return float(goal["max_error"]) if goal else None
+
+
 def labelled_rows(ctx: Context, model: Model, labelled: LabelledSet, result: EmbedResult
                   ) -> tuple[list[np.ndarray], list[int], dict[str, list[str]], list[Path]]:
     """(vectors, class indices, sources per bucket, paths) of the head's images that have a vector, in training order.
@@ -176,6 +186,7 @@ def train_one(ctx: Context, head: str, config: "TrainConfig | None" = None) -> T
         raise HeadmasterError(f"cached vectors have {matrix.shape[1]} dimensions, model '{model.name}' "
                               f"is registered with {model.embed_dim}")
     kind = config.kind or current_kind(ctx, head)
+    config = replace(config, max_error=current_error_goal(ctx, head, config.max_error))
     if config.warm_start:
         config = warm_config(config, previous_checkpoint(ctx, head), classes, int(matrix.shape[1]))
     outcome = train_vectors(head, classes, matrix, np.array(labels), sources, model.name, kind, config)
@@ -183,11 +194,29 @@ def train_one(ctx: Context, head: str, config: "TrainConfig | None" = None) -> T
     save_checkpoint(outcome.checkpoint, path)
     if outcome.val_on_train:
         warnings.append(f"head '{head}': too few images for a validation split; metrics are on training data")
+    if (why := threshold_trap(outcome.checkpoint)) is not None:
+        warnings.append(f"head '{head}': {why}")
     meta = outcome.checkpoint["metadata"]
     return TrainReport(head, outcome.checkpoint["type"], classes, len(rows), outcome.train_count, outcome.val_count,
                        path, meta["metrics"], outcome.checkpoint.get("threshold"),
                        warnings, result.skipped, find_conflicts(labelled, result.hashes), result,
                        outcome.checkpoint["kind"], meta.get("selection"), meta.get("error_goal"))
+
+
+def threshold_trap(checkpoint: dict) -> str | None:
+    """Why a binary checkpoint's threshold leaves one bucket unreachable past its uncertain band, else None."""
+    from headmaster.heads.arrays import HeadRules, decidable_thresholds
+
+    rules = HeadRules(checkpoint)
+    if rules.type != "binary" or rules.threshold is None:
+        return None
+    lo, hi = decidable_thresholds(rules.margin)
+    if lo <= rules.threshold <= hi:
+        return None
+    t, m = rules.threshold, rules.margin
+    gone, edge = (rules.classes[1], f"above {t + m:.2f}") if t > hi else (rules.classes[0], f"below {t - m:.2f}")
+    return (f"threshold {t:.2f} with the uncertain band of ±{m:g} leaves nothing for '{gone}' (a score would have to "
+            f"be {edge}): use a threshold from {lo:.2f} to {hi:.2f}")
 
 
 def warm_config(config: "TrainConfig", previous: dict | None, classes: list[str], input_dim: int) -> "TrainConfig":

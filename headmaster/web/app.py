@@ -8,7 +8,6 @@ Nothing here imports torch or the model code: the backend does the heavy work.
 
 from __future__ import annotations
 
-import mimetypes
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qs, quote, urlencode
@@ -22,18 +21,17 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from headmaster import HeadmasterError
-from headmaster.web.backend import HASH_ID, Action, Item, NotFound, ReviewBackend
+from headmaster.web.backend import HASH_ID, Action, Item, LibraryQueue, NotFound, ReviewBackend
 from headmaster.web.security import FORM_TYPE, SECURITY_HEADERS, Guard, GuardMiddleware
-from headmaster.web.thumbnails import THUMBS_DIR, ThumbnailError, cached_thumbnail
-from headmaster.workspace import MIN_BUCKET_IMAGES
+from headmaster.web.thumbnails import THUMBS_DIR, ThumbnailError, browser_type, cached_rendering, cached_thumbnail
+from headmaster.workspace import MIN_BUCKET_IMAGES, is_image_name
 
 HERE = Path(__file__).parent
 QUEUE_PAGE = 60  # images rendered with the page; the script fetches more as the queue empties
 SUSPECTS_PAGE = 20  # as `hm suspects --limit`
 MAX_LIMIT = 1000
 KEYS = "123456789"
-IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
-               ".gif": "image/gif", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff"}
+VIEW_OF = {"example": "suspects", "library": "library"}  # an item's page by where it is; the rest: the queue
 
 
 def create_app(backend: ReviewBackend, guard: Guard) -> Callable:
@@ -65,14 +63,18 @@ def create_app(backend: ReviewBackend, guard: Guard) -> Callable:
     def overview_json(request: Request) -> Response:
         return JSONResponse(backend.status())
 
-    def review(request: Request, view: str) -> tuple[dict, dict, list[Item], int]:
+    def review(request: Request, view: str, library: str | None = None
+               ) -> tuple[dict, dict, list[Item], int, LibraryQueue | None]:
         head = request.path_params["head"]
         status, info = head_status(head)
-        limit = _limit(request, QUEUE_PAGE if view == "queue" else SUSPECTS_PAGE)
+        limit = _limit(request, SUSPECTS_PAGE if view == "suspects" else QUEUE_PAGE)
+        if view == "library":
+            found = backend.library_queue(head, library or "", limit)
+            return status, info, found.items, len(found.items), found
         if view == "queue":
             items = backend.queue(head, limit)
-            return status, info, items, len(items)
-        return status, info, backend.suspects(head, limit), backend.suspects_total(head)
+            return status, info, items, len(items), None
+        return status, info, backend.suspects(head, limit), backend.suspects_total(head), None
 
     def render_cards(items: list[Item], info: dict[str, Any], view: str) -> str:
         return env.get_template("cards.html").render(items=items, buckets=buckets_of(info), view=view, csrf=guard.csrf)
@@ -80,29 +82,39 @@ def create_app(backend: ReviewBackend, guard: Guard) -> Callable:
     def review_page(view: str) -> Callable[[Request], Response]:
         def endpoint(request: Request) -> Response:
             error = request.query_params.get("error")
+            name = request.path_params.get("library")
+            head = request.path_params["head"]
             try:
-                status, info, items, total = review(request, view)
+                status, info, items, total, found = review(request, view, name)
             except HeadmasterError as e:  # the worker failed, too few images to score suspects: say so on the page
-                status, info = head_status(request.path_params["head"])
-                items, total, error = [], 0, str(e)
-            return page("review.html", request, head=request.path_params["head"], info=info, items=items,
+                status, info = head_status(head)
+                items, total, found, error = [], 0, None, str(e)
+            libraries = backend.libraries(head)
+            return page("review.html", request, head=head, info=info, items=items,
                         total=total, view=view, buckets=buckets_of(info), daemon=status["daemon"], error=error,
-                        notice=request.query_params.get("notice"), min_bucket=MIN_BUCKET_IMAGES)
+                        notice=request.query_params.get("notice"), min_bucket=MIN_BUCKET_IMAGES,
+                        libraries=libraries, library=found,
+                        library_name=name, library_path=next((lib["path"] for lib in libraries
+                                                              if lib["name"] == name), None))
         return endpoint
 
     def review_json(view: str) -> Callable[[Request], Response]:
         def endpoint(request: Request) -> Response:
-            _, info, items, total = review(request, view)
-            return JSONResponse({"head": request.path_params["head"], "view": view, "status": info,
-                                 "buckets": list(info["buckets"]), "items": [i.to_dict() for i in items],
-                                 "total": total})
+            _, info, items, total, found = review(request, view, request.path_params.get("library"))
+            out = {"head": request.path_params["head"], "view": view, "status": info,
+                   "buckets": list(info["buckets"]), "items": [i.to_dict() for i in items], "total": total}
+            if found is not None:
+                out["library"] = found.to_dict()
+            else:
+                out["libraries"] = [lib["name"] for lib in backend.libraries(request.path_params["head"])]
+            return JSONResponse(out)
         return endpoint
 
     def cards(request: Request) -> Response:
         view = request.query_params.get("view", "queue")
-        if view not in ("queue", "suspects"):
+        if view not in ("queue", "suspects", "library"):
             raise NotFound(f"unknown view {view!r}")
-        _, info, items, _ = review(request, view)
+        _, info, items, _, _ = review(request, view, request.query_params.get("library"))
         return HTMLResponse(render_cards(items, info, view))
 
     def details(request: Request) -> Response:
@@ -125,12 +137,20 @@ def create_app(backend: ReviewBackend, guard: Guard) -> Callable:
         return FileResponse(path, media_type="image/jpeg", headers={"cache-control": "private, max-age=86400"})
 
     def image(request: Request) -> Response:
+        """The full-size view: the file itself where every browser shows its type, else a JPEG rendered from the
+        decoded image (HEIC, AVIF, TIFF, camera RAW through its preview), made once per content."""
         id_ = _id(request.path_params["id"])
         source = backend.image_path(id_)
-        kind = IMAGE_TYPES.get(source.suffix.lower()) or mimetypes.guess_type(source.name)[0]
-        if kind is None:
+        kind = browser_type(source)
+        if kind is not None:
+            return FileResponse(source, media_type=kind, headers={"cache-control": "private, max-age=60"})
+        if not is_image_name(source):
             raise NotFound("not an image")
-        return FileResponse(source, media_type=kind, headers={"cache-control": "private, max-age=60"})
+        try:
+            path = cached_rendering(thumbs, id_, source)  # a sync endpoint: Starlette runs it off the event loop
+        except ThumbnailError as e:
+            raise NotFound(str(e)) from None
+        return FileResponse(path, media_type="image/jpeg", headers={"cache-control": "private, max-age=60"})
 
     # -- actions (POST, CSRF-checked by the guard): a plain form or JSON from the script ----------
     def action(fn: Callable[..., Action], *fields: str) -> Callable[[Request], Any]:
@@ -157,14 +177,14 @@ def create_app(backend: ReviewBackend, guard: Guard) -> Callable:
                 raise
             return _back(body, error=str(e))
         if form:
-            return _back(body, notice=f"undone: {action.name} is back" if action else "Nothing to undo")
+            return _back(body, notice=_undone(action) if action else "Nothing to undo")
         if action is None:
             return JSONResponse({"action": None})
         item = backend.restore_item(action)
         card = None
         if item is not None:
             info = (await _threaded(head_status, item.head))[1]
-            card = render_cards([item], info, "suspects" if item.where == "example" else "queue")
+            card = render_cards([item], info, VIEW_OF.get(item.where, "queue"))
         return JSONResponse({"action": action.to_dict(), "card": card})
 
     async def evaluate(request: Request) -> Response:
@@ -178,6 +198,8 @@ def create_app(backend: ReviewBackend, guard: Guard) -> Callable:
         Route("/heads/{head}", review_page("queue")),
         Route("/heads/{head}/suspects.json", review_json("suspects")),
         Route("/heads/{head}/suspects", review_page("suspects")),
+        Route("/heads/{head}/library/{library}.json", review_json("library")),
+        Route("/heads/{head}/library/{library}", review_page("library")),
         Route("/heads/{head}/cards", cards),
         Route("/heads/{head}/details.json", details_json),
         Route("/heads/{head}/details", details),
@@ -277,8 +299,12 @@ async def _fields(request: Request) -> tuple[dict[str, Any], bool]:
 def _back(body: dict[str, Any], **said: str) -> Response:
     """303 back to the page the form was on, with one line for it to show."""
     head = body.get("head") if isinstance(body.get("head"), str) else ""
-    path = "/" if not head else f"/heads/{quote(head, safe='')}" + ("/suspects" if body.get("view") == "suspects"
-                                                                     else "")
+    view, library = body.get("view"), body.get("library")
+    path = "/" if not head else f"/heads/{quote(head, safe='')}"
+    if head and view == "suspects":
+        path += "/suspects"
+    elif head and view == "library" and isinstance(library, str) and library:
+        path += f"/library/{quote(library, safe='')}"
     return RedirectResponse(f"{path}?{urlencode(said)}", status_code=303)
 
 
@@ -287,7 +313,15 @@ def _said(action: Action) -> str:
         return f"skipped {action.name}"
     if action.kind == "exclude":
         return f"excluded {action.name}"
+    if action.kind == "copy":
+        return f"{action.bucket} ← {action.name} (a copy in {action.destination}; the photo stays in its library)"
     return f"{action.bucket} ← {action.name}"
+
+
+def _undone(action: Action) -> str:
+    if action.kind == "copy":
+        return f"undone: {action.name} is no longer an example of {action.bucket}"
+    return f"undone: {action.name} is back"
 
 
 async def _json(request: Request) -> dict[str, Any]:

@@ -6,6 +6,12 @@ an example exactly as the daemon does when a user moves the file by hand. Suspec
 between buckets of heads/<head>/ or out into heads/<head>/_excluded/. Every action is kept
 on an undo stack; undo puts the file back and unlearns what was learned.
 
+A library queue (`library_queue`) shows the photos of a [[library]] nearest a head's cut, ranked by the
+worker from the vectors cached when the library was tagged (curation.rank_library). Labelling one
+COPIES it into heads/<head>/<bucket>/ (curation.learn_copy): the library's file stays where it is,
+never moved or opened for writing; undo removes the copy again. The head retrains as with any new
+example (under hmd, its watcher sees the file in heads/).
+
 Model work (ranking, suspects, evaluation) goes through the `model_call(op, **args)` it is given:
 the named operations of hmd's worker (headmaster/daemon/worker.py, returning plain JSON data).
 Under hmd they go to the worker process; under `hm serve`, to a thread of that process
@@ -19,17 +25,20 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 from headmaster import HeadmasterError
-from headmaster.curation import NOT_LABELS, Learned, check_bucket_name, ensure_schema, learn, unlearn
+from headmaster.config import LibraryConfig
+from headmaster.curation import (NOT_LABELS, Learned, check_bucket_name, ensure_schema, learn, learn_copy, record_skip,
+                                 review_skips, unlearn, unlearn_copy)
 from headmaster.embedding import hash_paths
 from headmaster.evaluation import indexed_leaks, read_figures, save_figures
 from headmaster.fileops import move_into
 from headmaster.heads import UNCERTAIN, CheckpointCache, HeadRules, head_fields
 from headmaster.store import FileRecord, Store
-from headmaster.web.backend import EXCLUDED, Action, Item, NotFound
+from headmaster.web.backend import EXCLUDED, Action, Item, LibraryQueue, NotFound, library_names
 from headmaster.workspace import MIN_BUCKET_IMAGES, NOT_BUCKET_PREFIXES, LabelledSet, Workspace, list_images, shown_path
 
 RECENT_SORTS = 200  # how many recent sorts the queue looks at after the uncertain ones
@@ -46,12 +55,15 @@ class ReviewService:
 
     `model_call` runs the model operations; `teach` makes a labelled file an example (default: `learn()`
     at once, the head retrains on the next `hm train`); `live` adds what a daemon knows to the status
-    (retrains, pending retrain, inbox).
+    (retrains, pending retrain, inbox, the libraries' counts); `libraries` are the config's [[library]] tables,
+    whose photos the library queues show.
     """
 
     def __init__(self, ws: Workspace, model_call: ModelCall, teach: Teach | None = None,
-                 live: Callable[[], dict[str, Any]] | None = None):
+                 live: Callable[[], dict[str, Any]] | None = None, libraries: list[LibraryConfig] | None = None):
         self.ws = ws
+        # roots as hmd keeps them (normalised), so the page's paths and hmd's counts match
+        self._libraries = library_names([replace(lib, path=os.path.normpath(lib.root)) for lib in libraries or []])
         self.model_call = model_call
         self._teach = teach
         self._live = live
@@ -64,7 +76,7 @@ class ReviewService:
         self._suspects: dict[str, tuple[tuple[int, int] | None, list[Item]]] = {}  # head -> (checkpoint key, items)
         self._leaks: dict[str, tuple[tuple, list[str]]] = {}  # head -> (its folders' state, the leak warnings)
         self.leak_checks = 0  # how often the leak check really ran (the status poll serves the stored result)
-        self._skipped: set[tuple[str, str]] = set()  # (head, id) the user skipped: not shown again on the queue
+        self._skipped = review_skips(self.store)  # (head, id) the user skipped: not shown again (kept in the db)
         self._checkpoints = CheckpointCache()
 
     @property
@@ -103,10 +115,54 @@ class ReviewService:
                 **{k: v for k, v in live_heads.get(name, {}).items() if k not in ("buckets", "metrics")},
             }
         out = {"daemon": bool(live), "workspace": str(self.ws.root), "heads": heads}
-        for key in ("pid", "model", "activity", "paused", "inbox", "uptime_s", "errors", "libraries"):
+        for key in ("pid", "model", "activity", "paused", "inbox", "uptime_s", "errors"):
             if key in live:
                 out[key] = live[key]
+        if self._libraries or live.get("libraries"):
+            out["libraries"] = self._library_status(live.get("libraries") or [])
         return out
+
+    def _library_status(self, counted: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Each library: its name and path, and (under hmd) photos, tagged, pending, failed, paused."""
+        by_path = {c.get("path"): c for c in counted}
+        out = [{**by_path.pop(str(lib.root), {}), **self._library_info(name, lib)}
+               for name, lib in self._libraries.items()]
+        return out + list(by_path.values())  # hmd counts a library the page was not told of: shown, no queue
+
+    def _library_info(self, name: str, lib: LibraryConfig) -> dict[str, Any]:
+        return {"name": name, "path": str(lib.root), "heads": "all" if lib.heads is None else list(lib.heads)}
+
+    def libraries(self, head: str | None = None) -> list[dict[str, Any]]:
+        return [self._library_info(name, lib) for name, lib in self._libraries.items()
+                if head is None or lib.heads is None or head in lib.heads]
+
+    def library_queue(self, head: str, library: str, limit: int) -> LibraryQueue:
+        self._known_head(head)
+        lib = self._libraries.get(library)
+        if lib is None or (lib.heads is not None and head not in lib.heads):
+            raise NotFound(f"head '{head}' tags no library '{library}'")
+        root = lib.root
+        if not root.is_dir():
+            raise HeadmasterError(f"library {root} is not there (an unmounted disk?)")
+        if not self.ws.checkpoint_path(head).exists():
+            return LibraryQueue(library, str(root), 0, 0, 0, 0)
+        with self._lock:
+            skipped = sum(1 for h, _ in self._skipped if h == head)
+        # the worker ranks from cached vectors only: a database read and one matrix product, no decoding
+        found = self.model_call("rank_library", root=str(root), head=head, recursive=lib.recursive,
+                                limit=limit + skipped)
+        chosen = []
+        with self._lock:
+            for x in found["ranked"]:
+                path = Path(x["path"])
+                if (head, x["hash"]) in self._skipped:
+                    continue
+                chosen.append((Item(x["hash"], head, path.name, "library", None, x["guess"], x["score"],
+                                    x["margin"], library, shown_path(path, root)), path))
+        chosen = _unique(chosen)[:limit]
+        self._remember(chosen)
+        return LibraryQueue(library, str(root), found["photos"], found["scored"], found["waiting"],
+                            found["examples"], [i for i, _ in chosen])
 
     def _leak_warnings(self, head: str, labelled: LabelledSet) -> list[str]:
         """indexed_leaks's warnings, computed again only when the head's or its test set's folders change (or,
@@ -222,6 +278,8 @@ class ReviewService:
             raise NotFound(f"head '{head}' has no bucket '{bucket}'")
         with self._lock:
             item, path = self._current(head, id)
+            if item.where == "library":
+                return self._copy_in(item, path, bucket)
             if item.where == "example":
                 return self._push(item, path, "move", bucket, move_into(path, self.ws.heads_dir / head / bucket))
             if item.where == "sorted" and item.bucket == bucket:
@@ -246,6 +304,8 @@ class ReviewService:
             item, path = self._current(head, id)
             folder.mkdir()
             try:
+                if item.where == "library":
+                    return self._copy_in(item, path, name, created=True)
                 if item.where == "example":
                     after, learned = move_into(path, folder), None
                 else:
@@ -256,17 +316,25 @@ class ReviewService:
                 _remove_if_empty(folder)
                 raise
             more = MIN_BUCKET_IMAGES - len(list_images(folder)[0])
-            note = (f"new bucket '{name}' for head '{head}': the head trains with it from its next retrain"
-                    + (f"; add {more} more example{'s' if more != 1 else ''} ({MIN_BUCKET_IMAGES} recommended)"
-                       if more > 0 else ""))
             return self._push(item, path, "move" if learned is None else "label", name, after, learned,
-                              created=True, note=note)
+                              created=True, note=_new_bucket_note(head, name, more))
+
+    def _copy_in(self, item: Item, path: Path, bucket: str, created: bool = False) -> Action:
+        """A library photo becomes an example by a copy in heads/<head>/<bucket>/; the photo stays as it is."""
+        learned = learn_copy(self.store, self.ws, item.head, bucket, path, item.id)
+        more = MIN_BUCKET_IMAGES - len(list_images(self.ws.heads_dir / item.head / bucket)[0])
+        action = self._push(item, path, "copy", bucket, learned.example, learned, created=created,
+                            note=_new_bucket_note(item.head, bucket, more) if created else None,
+                            previous=learned.previous if learned.action == "moved" else None)
+        self._paths[item.id] = path  # the page goes on showing the library's photo, never the copy
+        return action
 
     def skip(self, head: str, id: str) -> Action:
         self._known_head(head)
         with self._lock:
             item, path = self._current(head, id)
             self._skipped.add((head, id))
+            record_skip(self.store, head, id)
             return self._push(item, path, "skip", item.bucket or UNCERTAIN, path)
 
     def exclude(self, head: str, id: str) -> Action:
@@ -284,10 +352,14 @@ class ReviewService:
             action, item, before, after = self._undo.pop()
             if action.kind == "skip":
                 self._skipped.discard((action.head, action.id))
+                record_skip(self.store, action.head, action.id, skipped=False)
             if action.kind in ("keep", "skip"):
                 return action
             if not after.exists():
                 raise NotFound(f"{shown_path(after, self.ws.root)} is gone; nothing to undo")
+            if action.kind == "copy":
+                self._uncopy(action, item, before, after)
+                return action
             back = move_into(after, before.parent, before.name)
             _index(self.store, back, item.id)
             if action.kind == "label":
@@ -297,6 +369,21 @@ class ReviewService:
                 _remove_if_empty(self.ws.classified_dir / action.head / action.bucket)
             self._paths[item.id] = back
             return action
+
+    def _uncopy(self, action: Action, item: Item, before: Path, after: Path) -> None:
+        """Undo a library photo's copy: the copy goes (the photo is still in its library), or an example it moved
+        goes back to its bucket; a bucket the label made goes again while empty."""
+        try:
+            if action.learned == "added":
+                unlearn_copy(self.store, action.head, item.id, after, before)
+            elif action.learned == "moved" and action.previous:
+                learn_copy(self.store, self.ws, action.head, action.previous, before, item.id)
+        except HeadmasterError:
+            self._undo.append((action, item, before, after))  # still undoable once the reason is gone
+            raise
+        if action.created:
+            _remove_if_empty(self.ws.heads_dir / action.head / action.bucket)
+        self._paths[item.id] = before
 
     def _unteach(self, action: Action, item: Item, back: Path) -> None:
         """Undo what `learn` did: remove an added example, move a moved one back."""
@@ -331,12 +418,20 @@ class ReviewService:
         return item, path
 
     def _push(self, item: Item, before: Path, kind: str, bucket: str, after: Path,
-              learned: Learned | None = None, created: bool = False, note: str | None = None) -> Action:
+              learned: Learned | None = None, created: bool = False, note: str | None = None,
+              previous: str | None = None) -> Action:
         action = Action(kind, item.head, item.id, item.name, bucket, shown_path(before, self.ws.root),
-                        shown_path(after, self.ws.root), learned.action if learned else None, created, note)
+                        shown_path(after, self.ws.root), learned.action if learned else None, created, note,
+                        previous)
         self._undo.append((action, item, before, after))
         self._paths[item.id] = after
         return action
+
+
+def _new_bucket_note(head: str, name: str, more: int) -> str:
+    return (f"new bucket '{name}' for head '{head}': the head trains with it from its next retrain"
+            + (f"; add {more} more example{'s' if more != 1 else ''} ({MIN_BUCKET_IMAGES} recommended)"
+               if more > 0 else ""))
 
 
 def _rules(labelled: LabelledSet, ck: dict[str, Any]) -> HeadRules:

@@ -5,6 +5,7 @@
   const csrf = document.querySelector('meta[name="csrf-token"]').content;
   const head = body.dataset.head;
   const view = body.dataset.view;
+  const library = body.dataset.library;  // the library queue's library (its name), else undefined
   const grid = document.getElementById("grid");
   const toastBox = document.getElementById("toast");
   const REFILL_BELOW = 30;  // fetch more cards when fewer are left
@@ -75,7 +76,7 @@
     focus(next);
     toast(text);
     counts();
-    if (view === "queue" && cards().length < REFILL_BELOW) refill();  // suspects: the worst 20 are the list
+    if (view !== "suspects" && cards().length < REFILL_BELOW) refill();  // suspects: the worst 20 are the list
   }
 
   function act(card, url, data, text, then) {
@@ -171,12 +172,15 @@
         const t = document.createElement("template");
         t.innerHTML = out.card.trim();
         const card = t.content.firstElementChild;
-        if (card.dataset.where === "example" && view !== "suspects") return;
-        grid.prepend(card);
-        focus(card);
+        const page = {example: "suspects", library: "library"}[card.dataset.where] || "queue";
+        if (page === view) {
+          grid.prepend(card);
+          focus(card);
+        }
       }
       counts();
-      toast(`undone: ${a.name} is back in ${a.source.split("/").slice(-2, -1)[0]}`);
+      toast(a.kind === "copy" ? `undone: ${a.name} is no longer an example of ${a.bucket}`
+                              : `undone: ${a.name} is back in ${a.source.split("/").slice(-2, -1)[0]}`);
     }).catch(err => toast(err.message, true));
   }
 
@@ -184,7 +188,8 @@
     if (refilling || !grid) return;
     refilling = true;
     try {
-      const r = await fetch(`/heads/${encodeURIComponent(head)}/cards?view=${view}&limit=120`, {credentials: "same-origin"});
+      const from = library === undefined ? "" : `&library=${encodeURIComponent(library)}`;
+      const r = await fetch(`/heads/${encodeURIComponent(head)}/cards?view=${view}${from}&limit=120`, {credentials: "same-origin"});
       if (!r.ok) return;
       const t = document.createElement("template");
       t.innerHTML = await r.text();
