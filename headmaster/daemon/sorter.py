@@ -3,9 +3,9 @@
 The worker decides (`decide`, through Calls.call_per_file: a file that crashes it twice is
 rejected); the moves themselves are headmaster/daemon/inbox.py's `sort_files`, here in the
 supervisor, which asks for the next window's decisions while it moves the files of this one;
-files that settle meanwhile join the next window. Files stay in the inbox while sorting is paused, while they are still settling,
-and while their head cannot sort (no head folder, not trained, trained for another model,
-a damaged checkpoint); each such wait is said once.
+files that settle meanwhile join the next window. Files stay in the inbox while sorting is
+paused, while they are still settling, and while their head cannot sort (no head folder, not
+trained, trained for another model, a damaged checkpoint); each such wait is said once.
 """
 
 from __future__ import annotations

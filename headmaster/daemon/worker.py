@@ -300,14 +300,13 @@ def answer(worker: Worker | None, setup_error: str | None, message: dict[str, An
 
 def serve(sock: socket.socket, setup: dict[str, Any]) -> None:
     worker, setup_error = None, None
-    ready_at: float | None = None  # wall clock once set up: told to the supervisor with the first answer
     try:
         options = EmbedOptions(device=setup.get("device") or None, progress=False, backend=setup.get("backend"),
                                max_pixels=setup.get("max_pixels"))  # [embedding] max_pixels: the bomb limit
         worker = Worker(Context.open(setup["workspace"], options))
     except HeadmasterError as e:
         setup_error = str(e)  # every request gets this answer; the supervisor reports it
-    ready_at = time.time()
+    ready_at: float | None = time.time()  # set up: told to the supervisor with the first answer (for the log)
     while True:
         try:
             message = receive(sock)
