@@ -2,6 +2,7 @@
 
     uv run python bench/daemon_vs_classify.py [--shared ../shared] [--photos 372] [--per-class 10] [--pairs 3]
                                               [--work DIR] [--daemon-keys 'settle_seconds = 0.5'] [--backend torch]
+                                              [--compare ../other-checkout]
 
 Builds a workspace with one head, `clothing`, trained by `hm train` on the first --per-class photos of
 each class of <shared>/data/clothing/train, with <shared>/models/efficientnet-lite0 registered; the
@@ -18,6 +19,8 @@ the trained workspace, so the drop's photos have no vectors and no file-index ro
 Medians over the pairs, and the median of the per-pair ratios. Prints `uptime` before and after:
 the machine may be shared. --work keeps the trained workspace (and each pair's hmd log) for another
 invocation. --backend is given to both (`hm classify --backend`, hmd's `[embedding] backend`).
+--compare DIR runs a second hmd in every round from another checkout (e.g. `git worktree add DIR <commit>`),
+on the same interpreter and packages: before and after a change, under the same load.
 """
 
 from __future__ import annotations
@@ -110,14 +113,18 @@ def log_events(log: Path) -> list[tuple[float, str]]:
     return out
 
 
-def run_hmd(base: Path, drop: Path, root: Path, env: dict, keys: str, backend: str | None) -> dict:
+def run_hmd(base: Path, drop: Path, root: Path, env: dict, keys: str, backend: str | None,
+            code: Path | None = None) -> dict:
+    """hmd (from `code`, another checkout, when given: its supervisor and worker) on the drop; see the module doc."""
     ws = base.parent / "ws"
     stage(base, ws)
     sock, config = root / "hmd.sock", root / "hmd.toml"
     config.write_text(f'workspace = "{ws}"\n[daemon]\nsocket = "{sock}"\ndevice = "cpu"\nlog_level = "DEBUG"\n{keys}\n'
                       + (f'[embedding]\nbackend = "{backend}"\n' if backend else ""))
+    if code is not None:  # `-m` puts the working directory first on sys.path: that checkout's headmaster
+        env = dict(env, PYTHONPATH=str(code))
     proc = subprocess.Popen([sys.executable, "-m", "headmaster.daemon.main", "--config", str(config)],
-                            stderr=open(root / "hmd.log", "w"), env=env)
+                            stderr=open(root / "hmd.log", "w"), env=env, cwd=code)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -205,6 +212,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help="keep the trained workspace here (reused when present)")
     ap.add_argument("--daemon-keys", default="", help="extra [daemon] lines for hmd's config")
     ap.add_argument("--backend", choices=("auto", "torch", "onnxruntime"), help="for both (default: auto)")
+    ap.add_argument("--compare", type=Path, help="another checkout: its hmd runs too, in every round ('other')")
     args = ap.parse_args()
     print("uptime at the start:", uptime())
     import headmaster
@@ -216,42 +224,48 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="hm-vs-"))
     work.mkdir(parents=True, exist_ok=True)
     base, drop = build(work, args.shared, args.per_class, args.photos, env)
+    keys = args.daemon_keys.replace("\\n", "\n")
+    kinds = ["classify", "hmd"] + (["other"] if args.compare else [])
     results: list[dict] = []
     try:
         for i in range(args.pairs):
             pair = {}
-            for kind in (("classify", "hmd") if i % 2 == 0 else ("hmd", "classify")):
+            order = kinds[i % len(kinds):] + kinds[:i % len(kinds)]  # each goes first in turn
+            for kind in order:
                 root = work / f"run-{i}-{kind}"
                 shutil.rmtree(root, ignore_errors=True)
                 root.mkdir()
                 try:
                     pair[kind] = (run_classify(base, drop, root, env, args.backend) if kind == "classify"
-                                  else run_hmd(base, drop, root, env, args.daemon_keys.replace("\\n", "\n"),
-                                               args.backend))
+                                  else run_hmd(base, drop, root, env, keys, args.backend,
+                                               args.compare if kind == "other" else None))
                 finally:
                     if args.work is not None and (root / "hmd.log").exists():
-                        shutil.copy(root / "hmd.log", work / f"hmd-pair{i + 1}.log")  # kept for a closer look
+                        shutil.copy(root / "hmd.log", work / f"{kind}-pair{i + 1}.log")  # kept for a closer look
                     shutil.rmtree(root, ignore_errors=True)
-            c, d = pair["classify"], pair["hmd"]
-            print(f"pair {i + 1} ({'classify first' if i % 2 == 0 else 'hmd first'}): hm classify {c['wall']:.1f}s "
-                  f"(embed_paths {c['seconds']:.1f}: model load {c['load_seconds']:.1f}, decode+forward "
-                  f"{c['embed_seconds']:.1f}; CPU {c['cpu']:.1f}s); hmd {d['wall']:.1f}s; ratio {d['wall'] / c['wall']:.2f}  "
-                  f"[{uptime().split('load average: ')[-1]}]")
-            print("   hmd: " + show_hmd(d))
+            c = pair["classify"]
+            print(f"round {i + 1} ({', '.join(order)}): hm classify {c['wall']:.1f}s (embed_paths {c['seconds']:.1f}: "
+                  f"model load {c['load_seconds']:.1f}, decode+forward {c['embed_seconds']:.1f}; CPU {c['cpu']:.1f}s); "
+                  + "; ".join(f"{k} {pair[k]['wall']:.1f}s, ratio {pair[k]['wall'] / c['wall']:.2f}" for k in kinds[1:])
+                  + f"  [load {uptime().split('load average: ')[-1]}]")
+            for k in kinds[1:]:
+                print(f"   {k}: " + show_hmd(pair[k]))
             results.append(pair)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     med = lambda xs: statistics.median(xs)  # noqa: E731
-    c = med([p["classify"]["wall"] for p in results])
-    d = med([p["hmd"]["wall"] for p in results])
-    ratio = med([p["hmd"]["wall"] / p["classify"]["wall"] for p in results])
-    diff = med([p["hmd"]["wall"] - p["classify"]["wall"] for p in results])
-    print(f"medians over {len(results)} pairs, {args.photos} photos: hm classify {c:.1f}s, hmd {d:.1f}s; "
-          f"median ratio hmd/classify {ratio:.2f}, median difference hmd - classify {diff:+.1f}s")
-    keys = ("first_ready", "worker_started", "worker_setup", "model_load", "decode_forward", "in_requests", "gaps",
-            "moves", "last_sorted", "supervisor_cpu", "worker_cpu")
-    print("hmd medians: " + ", ".join(f"{k} {med([p['hmd'][k] or 0.0 for p in results]):.1f}s" for k in keys))
+    print(f"medians over {len(results)} rounds, {args.photos} photos: hm classify "
+          f"{med([p['classify']['wall'] for p in results]):.1f}s")
+    fields = ("first_ready", "worker_started", "worker_setup", "model_load", "decode_forward", "in_requests", "gaps",
+              "moves", "last_sorted", "supervisor_cpu", "worker_cpu")
+    for k in kinds[1:]:
+        walls = [p[k]["wall"] for p in results]
+        ratio = med([p[k]["wall"] / p["classify"]["wall"] for p in results])
+        diff = med([p[k]["wall"] - p["classify"]["wall"] for p in results])
+        print(f"  {k}{f' ({args.compare})' if k == 'other' else ''}: {med(walls):.1f}s; median ratio to hm classify "
+              f"{ratio:.2f}, median difference {diff:+.1f}s; " + ", ".join(
+                  f"{f} {med([p[k][f] or 0.0 for p in results]):.1f}s" for f in fields))
     print("uptime at the end:", uptime())
 
 
