@@ -708,6 +708,8 @@ def _shown(path: Path, root: Path | None = None) -> str:
 
 def _classify_copy(c: Context, head: str, src: Path, dest: Path | None, dry_run: bool, tta: bool) -> None:
     report = classify_folder(c, head, src, dest, dry_run=dry_run, tta=tta)
+    if os.environ.get("HEADMASTER_TIMINGS") == "1":  # for bench/daemon_vs_classify.py: one JSON line on stderr
+        click.echo("timings " + json.dumps(report.embed.timings()), err=True)
     _print_skipped(report.skipped, src)
     if dry_run:
         for d, target in report.placed:

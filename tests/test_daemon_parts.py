@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from helpers import colour_image, fill_bucket
@@ -13,7 +14,7 @@ from watchdog.events import (DirCreatedEvent, FileClosedEvent, FileCreatedEvent,
                              FileMovedEvent)
 
 from headmaster.daemon.heartbeat import Heartbeat, WorkerCall, sample_process
-from headmaster.daemon.inbox import inbox_files, resolve_leftovers
+from headmaster.daemon.inbox import Verdict, inbox_files, resolve_leftovers, sort_files
 from headmaster.daemon.state import DaemonState, needs_retrain
 from headmaster.daemon.watcher import Settler, WorkspaceHandler
 from headmaster.fileops import remove_stale_temps
@@ -231,3 +232,60 @@ def test_a_worker_call_moves_while_the_process_uses_cpu_and_not_once_it_is_stopp
         busy.kill()
         busy.wait()
     assert sample_process(busy.pid) is None  # gone
+
+
+def test_sort_files_asks_for_the_next_window_while_it_moves_this_one(tmp_path):
+    """The worker embeds window 2 while the supervisor moves window 1 (decide on a helper thread), and files
+    that settled meanwhile (`more`) join the next request; every file is moved once and logged."""
+    inbox, dest = tmp_path / "inbox" / "c", tmp_path / "classified" / "c"
+    first = [colour_image(inbox / f"a{i}.png", "red", i) for i in range(4)]
+    late = [colour_image(inbox / f"b{i}.png", "blue", 10 + i) for i in range(3)]
+    asked: list[tuple[list[str], str]] = []
+    second_asked = threading.Event()
+    overlapped: list[bool] = []
+
+    def decide(paths):
+        asked.append(([p.name for p in paths], threading.current_thread().name))
+        if len(asked) == 2:
+            second_asked.set()
+        return [Verdict(p, "red" if p.name.startswith("a") else "blue", f"h-{p.name}", 0.9) for p in paths]
+
+    def on_placed(p):
+        if p.source == first[0]:  # window 1's first move: window 2 must already be asked for
+            overlapped.append(second_asked.wait(10))
+
+    handed = []
+
+    def more():
+        handed.append(len(handed))
+        return late if len(handed) == 1 else []
+
+    with Store(tmp_path / "db") as store:
+        result = sort_files(store, "c", decide, first, dest, on_placed=on_placed, chunk=2, more=more)
+        logged = {r["source"]: r["destination"] for r in store.sorts("c")}
+    assert overlapped == [True]
+    assert [names for names, _ in asked] == [["a0.png", "a1.png"], ["a2.png", "a3.png"], ["b0.png", "b1.png"],
+                                             ["b2.png"]]
+    assert all(thread != threading.current_thread().name for _, thread in asked)
+    assert len(result.placed) == 7 and not inbox_files(inbox)
+    assert sorted(p.name for p in (dest / "red").iterdir()) == [p.name for p in first]
+    assert sorted(p.name for p in (dest / "blue").iterdir()) == [p.name for p in late]
+    assert len(logged) == 7 and handed == [0, 1]
+
+
+def test_sort_files_stops_with_a_window_in_flight_and_leaves_its_files(tmp_path):
+    """Told to stop while the next window is being decided: what is not placed stays in the inbox, none twice."""
+    inbox, dest = tmp_path / "inbox" / "c", tmp_path / "classified" / "c"
+    files = [colour_image(inbox / f"a{i}.png", "red", i) for i in range(4)]
+    stop = threading.Event()
+
+    def decide(paths):
+        if paths[0] != files[0]:
+            stop.set()  # hmd is told to stop while window 2 is being decided
+        return [Verdict(p, "red", f"h-{p.name}", 0.9) for p in paths]
+
+    with Store(tmp_path / "db") as store:
+        result = sort_files(store, "c", decide, files, dest, should_stop=stop.is_set, chunk=2)
+    moved = sorted(p.name for p in (dest / "red").iterdir()) if (dest / "red").exists() else []
+    assert sorted(moved + [p.name for p in inbox_files(inbox)]) == [p.name for p in files]  # each file once
+    assert len(result.placed) == len(moved) < 4

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from helpers import colour_image, fill_bucket
-from test_daemon import Hmd, digest, files_in, make_workspace, wait_for
+from test_daemon import SETTLE, Hmd, digest, files_in, make_workspace, wait_for
 
 
 HM = [sys.executable, "-m", "headmaster.cli"]
@@ -74,6 +74,30 @@ def test_ready_before_any_model_loads_then_trains_in_the_worker(hmd):
     s = hmd.status()
     assert s["pid"] == hmd.proc.pid and s["worker"]["pid"] != hmd.proc.pid
     assert s["rss_mib"] is None or s["rss_mib"] > 0
+
+
+def test_a_new_inbox_file_wakes_the_worker_while_it_settles(hmd):
+    """The first inbox event starts the sleeping worker and loads the model and head at once; the file itself is
+    read only once settled (here 60 s: long after the warm-up), and the warmed worker then sorts it."""
+    wait_for(lambda: (w := worker(hmd)) and not w["running"] and w["idle_exits"] >= 1, IDLE + 30,
+             "the idle worker to exit", hmd)
+    before = worker(hmd)
+    settle = f"settle_seconds = {SETTLE}"
+    hmd.config.write_text(hmd.config.read_text().replace(settle, "settle_seconds = 60.0"))
+    assert hmd.ctl("reload").returncode == 0
+    photo = colour_image(hmd.ws / "inbox" / "colour" / "early_wake_red.png", "red", 7700)
+    warmed = "worker warmed up: model tiny-clip loaded and run once, head checkpoint loaded"
+    wait_for(lambda: warmed in hmd.log_path.read_text(), 45, "the worker to warm up", hmd)
+    s = hmd.status()
+    assert photo.exists() and s["settling"] >= 1  # still settling: nothing has read it yet
+    w = s["worker"]
+    assert w["running"] and w["model_loaded"] and w["busy"] is None
+    assert w["starts"] == before["starts"] + 1 and w["warmups"] == before["warmups"] + 1
+    hmd.config.write_text(hmd.config.read_text().replace("settle_seconds = 60.0", settle))
+    assert hmd.ctl("reload").returncode == 0
+    os.utime(photo)  # a change: it settles again, on the short setting now
+    wait_for((hmd.ws / "classified" / "colour" / "red" / photo.name).exists, 60, "the file to be sorted", hmd)
+    assert worker(hmd)["starts"] == before["starts"] + 1  # sorted by the worker that warmed up
 
 
 def test_the_worker_exits_when_idle_and_a_new_file_wakes_it(hmd):

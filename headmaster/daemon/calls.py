@@ -61,11 +61,14 @@ class Calls:
         finally:
             self.hub.heartbeat.beat()
 
-    def call_per_file(self, op: str, paths: list[Path], **args: Any) -> tuple[list[Any], list[Path]]:
+    def call_per_file(self, op: str, paths: list[Path], remember: bool = True, **args: Any
+                      ) -> tuple[list[Any], list[Path]]:
         """Run `op` over `paths` in the worker; if the worker dies, retry each of those files once, alone.
 
         Returns (the results, the files that crashed the worker a second time). Those are remembered as
-        unusable for the active model, so neither hmd nor hm decodes them again (until Pillow changes).
+        unusable for the active model, so neither hmd nor hm decodes them again (until Pillow changes);
+        with `remember=False` the caller does that (`remember_crashes`): this then touches no database,
+        so it may run on another thread than the job thread (the sorter's next request, ahead of its moves).
         """
         try:
             return [self._call(op, paths=[str(p) for p in paths], **args)], []
@@ -82,7 +85,8 @@ class Calls:
                     raise
                 self.worker_crashed(e, 1)
                 crashed.append(path)
-        self.remember_crashes(crashed)
+        if remember:
+            self.remember_crashes(crashed)
         return results, crashed
 
     def worker_crashed(self, error: WorkerCrashed, files: int) -> None:

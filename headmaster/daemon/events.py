@@ -3,7 +3,8 @@
 `Events` is the WorkspaceHandler's sink (headmaster/daemon/watcher.py): a changed example
 marks its head dirty, which (re)arms that head's debounced retrain; a file still arriving
 arms a settle check; what needs work becomes a Task on the job queue. No I/O beyond stat,
-and a timer only queues work: the job thread does it.
+and a timer only queues work: the job thread does it. A new inbox file for a trained head also
+wakes a sleeping worker at once (WorkerClient.prestart): it loads the model while the file settles.
 """
 
 from __future__ import annotations
@@ -46,17 +47,33 @@ class Events:
 
     def inbox_changed(self, head: str, path: Path, writing: bool) -> None:
         self.arm_settle(self.hub.settler.touch(path, writing))
+        self.wake_worker(head)
 
     def inbox_closed(self, head: str, path: Path) -> None:
         self.arm_settle(self.hub.settler.closed(path))
+        self.wake_worker(head)
+
+    def wake_worker(self, head: str) -> None:
+        """Files for `head` are arriving: have the worker load the model and the head while they settle
+        (nothing is read before a file has settled). Not while paused, nor for a head without a checkpoint."""
+        hub = self.hub
+        worker = hub.worker
+        if worker.pid is not None and worker.loaded_since is not None:  # the common case in a burst: ready
+            return
+        if hub.stopping.is_set() or hub.state.paused or not hub.ws.checkpoint_path(head).is_file():
+            return
+        worker.prestart(head=head)
 
     def inbox_removed(self, path: Path) -> None:
         self.hub.settler.forget(path)
         self.hub.settler.forget_under(path)
 
     def inbox_folder(self, head: str, folder: Path) -> None:
-        for f in inbox_files(folder):
+        files = inbox_files(folder)
+        for f in files:
             self.arm_settle(self.hub.settler.touch(f))
+        if files:
+            self.wake_worker(head)
 
     def classified_changed(self, head: str, bucket: str, path: Path, writing: bool) -> None:
         self.arm_settle(self.hub.settler.touch(path, writing))

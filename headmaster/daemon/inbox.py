@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -54,6 +56,8 @@ class SortResult:
     placed: list[Placed] = field(default_factory=list)
     rejected: list[Placed] = field(default_factory=list)
     vanished: int = 0
+    decide_seconds: float = 0.0  # waiting for `decide` (the worker)
+    place_seconds: float = 0.0  # moving the files and logging the sorts
 
 
 def inbox_files(folder: Path) -> list[Path]:
@@ -87,9 +91,15 @@ def _reindex(store: Store, source: Path, destination: Path, hash_: str | None) -
 def sort_files(store: Store, head: str, decide: Decide, paths: list[Path], dest_root: Path,
                should_stop: Callable[[], bool] = lambda: False,
                on_placed: Callable[[Placed], None] = lambda p: None, dry_run: bool = False,
-               chunk: int = CHUNK) -> SortResult:
+               chunk: int = CHUNK, more: Callable[[], list[Path]] | None = None) -> SortResult:
     """Decide `chunk` files at a time and move each into dest_root/<bucket>/ (or uncertain/, or _rejected/),
     logging every sort.
+
+    `decide` runs on a helper thread, one window at a time, the next window's while this one's files
+    move (the worker embeds while the supervisor moves); it must not use `store`. Its errors come
+    out of sort_files when their window's turn comes; the files of the windows not placed stay put.
+    When `paths` run out, `more()` (if given; called on the caller's thread) may give further files
+    (that settled meanwhile): they are decided next, until it gives none.
 
     Never deletes a file: a file leaves the inbox only once its copy is in place.
     Stops between files when `should_stop()` turns true; unsorted files stay put.
@@ -110,16 +120,45 @@ def sort_files(store: Store, head: str, decide: Decide, paths: list[Path], dest_
         _reindex(store, path, target, hash_)
         return target
 
-    for start in range(0, len(paths), max(1, chunk)):
-        if should_stop():
-            break
-        for v in decide(paths[start : start + chunk]):
+    size = max(1, chunk)
+    waiting = list(paths)
+
+    def next_window() -> list[Path]:
+        nonlocal waiting
+        if not waiting and more is not None:
+            waiting = list(more())
+        window, waiting = waiting[:size], waiting[size:]
+        return window
+
+    first = next_window()
+    if not first or should_stop():
+        return result
+    ahead = ThreadPoolExecutor(1, thread_name_prefix="hmd-decide")  # the next window's decisions, during the moves
+    pending: Future | None = ahead.submit(decide, first)
+    try:
+        while pending is not None:
+            asked = time.perf_counter()
+            verdicts, pending = pending.result(), None
+            decided = time.perf_counter()
+            result.decide_seconds += decided - asked
             if should_stop():
-                return result
-            if (target := place(v.path, v.bucket, v.hash, v.score)) is not None:
-                placed = Placed(v.path, target, v.bucket, v.score, v.reason)
-                (result.rejected if v.bucket == REJECTED else result.placed).append(placed)
-                on_placed(placed)
+                break
+            if window := next_window():
+                pending = ahead.submit(decide, window)
+            try:
+                for v in verdicts:
+                    if should_stop():
+                        return result
+                    if (target := place(v.path, v.bucket, v.hash, v.score)) is not None:
+                        placed = Placed(v.path, target, v.bucket, v.score, v.reason)
+                        (result.rejected if v.bucket == REJECTED else result.placed).append(placed)
+                        on_placed(placed)
+            finally:
+                result.place_seconds += time.perf_counter() - decided
+    finally:
+        if pending is not None:  # stopped or failed with a request in flight: it ends (unused), its files stay put
+            pending.cancel()
+        ahead.shutdown(wait=True)
     return result
 
 

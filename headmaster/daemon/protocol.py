@@ -3,7 +3,9 @@
 Request:  {"op": "decide", "args": {"head": "colour", "paths": ["/abs/a.jpg", ...]}}
 Answer:   {"ok": true, "result": ..., "loaded": true}
       or  {"ok": false, "error": "one line", "kind": "user" | "bug", "loaded": false}
-`loaded` says whether the worker holds the embedding model after the request.
+`loaded` says whether the worker holds the embedding model after the request. Two optional keys,
+for hmd's log: `ready_at` (wall clock when a fresh worker was set up: with its first answer) and
+`timings` (an embedding's numbers: seconds, load_seconds, embed_seconds, hashed, embedded).
 Only plain data crosses: paths, hashes, bucket names, scores, metrics. No vectors, no
 pickles: a worker that misbehaves can send nothing the supervisor would execute.
 End of stream means the worker is gone (it exited or was killed).

@@ -22,6 +22,8 @@ Operations (OPS below), each a plain function of keyword arguments returning JSO
   rank_library(root, head, recursive, limit)  a library's photos nearest the head's cut, from cached vectors
                                     only (curation.rank_library): the review page's library queue
   default_model()                   the active model; registers the built-in backbone when none is
+  warm(head)                        load the active model (one blank image through it) and the head's checkpoint:
+                                    hmd asks while new inbox files settle, so their first request finds both ready
   suspects(head, folds, limit, epochs)  labelled examples the head doubts most (as `hm suspects`)
   figures(head)                     the review page's confusion matrix and `hm evaluate` figures
   hello()                           pid, for the start-up handshake
@@ -63,6 +65,7 @@ class Worker:
         self._notices: list[str] = []  # one-off notices (the built-in model being prepared), for the supervisor
         ctx.notify = self._notices.append
         self._trained: dict[str, tuple[tuple[int, int, str], Any, Any]] = {}  # head -> (key, TrainedHead, Model)
+        self.timings: dict[str, Any] | None = None  # the last embedding's numbers, sent with its answer (for the log)
 
     # -- helpers ---------------------------------------------------------------------
     def model_loaded(self) -> bool:
@@ -99,6 +102,7 @@ class Worker:
         model = self.ctx.active_model()
         result = embed_paths(self.ctx.store, model, [Path(p) for p in paths], device=self.ctx.options.device,
                              progress=False, backend=self.ctx.options.backend)
+        self.timings = embed_timings(result)
         return {"embedded": result.embedded, "skipped": [[str(s.path), s.reason] for s in result.skipped]}
 
     def default_model(self) -> dict[str, Any]:
@@ -106,6 +110,23 @@ class Worker:
         name = self.ctx.active_model().name
         notices, self._notices[:] = list(self._notices), []
         return {"model": name, "notices": notices}
+
+    def warm(self, head: str | None = None) -> dict[str, Any]:
+        """Get ready to decide for `head`: the embedding model loaded and run once, the head's checkpoint loaded.
+        A head that cannot be loaded (not trained, another model's) is left for `decide` to report."""
+        from headmaster.embedding import warm_embedder
+
+        started = time.perf_counter()
+        model = self.ctx.active_model()
+        warm_embedder(model, device=self.ctx.options.device, backend=self.ctx.options.backend)
+        head_ready = False
+        if head is not None:
+            try:
+                self._trained_head(head)
+                head_ready = True
+            except HeadmasterError:
+                pass
+        return {"model": model.name, "head": head_ready, "seconds": round(time.perf_counter() - started, 3)}
 
     def train(self, head: str, epochs: int, lr: float, seed: int, kind: str | None = None,
               max_error: float | None = None) -> dict[str, Any]:
@@ -137,6 +158,7 @@ class Worker:
         trained, model = self._trained_head(head)
         decisions, embedded = decide_paths(self.ctx, trained, model, [Path(p) for p in paths],
                                            label=f"Sorting {head}")
+        self.timings = embed_timings(embedded)
         return {"decisions": [[str(d.path), d.bucket, d.hash, d.score] for d in decisions],
                 "unusable": [[str(s.path), s.reason] for s in embedded.skipped]}
 
@@ -199,9 +221,15 @@ class Worker:
         return parts
 
 
+def embed_timings(result: Any) -> dict[str, Any]:
+    """An EmbedResult's numbers that hmd's log shows per request (seconds: the whole embed_paths call)."""
+    return {"seconds": round(result.seconds, 3), "load_seconds": round(result.load_seconds, 3),
+            "embed_seconds": round(result.embed_seconds, 3), "hashed": result.hashed, "embedded": result.embedded}
+
+
 OPS: dict[str, Callable[..., Any]] = {name: getattr(Worker, name) for name in (
-    "hello", "embed", "default_model", "train", "decide", "tag", "rank_uncertain", "rank_library", "suspects",
-    "figures")}
+    "hello", "embed", "default_model", "warm", "train", "decide", "tag", "rank_uncertain", "rank_library",
+    "suspects", "figures")}
 
 
 class LocalWorker:
@@ -278,6 +306,7 @@ def serve(sock: socket.socket, setup: dict[str, Any]) -> None:
         worker = Worker(Context.open(setup["workspace"], options))
     except HeadmasterError as e:
         setup_error = str(e)  # every request gets this answer; the supervisor reports it
+    ready_at: float | None = time.time()  # set up: told to the supervisor with the first answer (for the log)
     while True:
         try:
             message = receive(sock)
@@ -285,6 +314,10 @@ def serve(sock: socket.socket, setup: dict[str, Any]) -> None:
             return
         reply = answer(worker, setup_error, message)
         reply["loaded"] = worker is not None and worker.model_loaded()
+        if worker is not None and worker.timings is not None:
+            reply["timings"], worker.timings = worker.timings, None
+        if ready_at is not None:
+            reply["ready_at"], ready_at = ready_at, None
         try:
             send(sock, reply)
         except OSError:

@@ -7,6 +7,11 @@ a control request such as `hmctl uncertain`, the review page). After `idle_secon
 without a call the worker is told to go (its stream is closed, it exits and its memory,
 the model included, goes back to the system); 0 keeps it running.
 
+`prestart(head=...)` starts a sleeping worker and warms it (the `warm` op: the model loaded and
+run once, the head's checkpoint loaded) on a thread of its own, without waiting: hmd does this
+when the first new file lands in the inbox, so the worker gets ready while the file settles
+(a call made meanwhile waits for the warm-up, as for any call in flight).
+
 When the worker dies during a call (a segfault in a decoder, the OOM killer, kill -9),
 the call raises WorkerCrashed and the next call starts a fresh worker. What to retry
 is the caller's decision (headmaster/daemon/calls.py retries each file once).
@@ -80,6 +85,9 @@ class WorkerClient:
         self.last_used = time.monotonic()
         self.in_flight: str | None = None
         self.in_flight_since: float | None = None  # monotonic start of the call in flight
+        self._warming: threading.Thread | None = None  # prestart's thread while it runs
+        self._prestart_lock = threading.Lock()
+        self.warmups = 0
         self.starts = 0
         self.crashes = 0
         self.idle_exits = 0
@@ -97,6 +105,7 @@ class WorkerClient:
             self._cancel_timer()
             sock, proc = self._ensure_started()
             self.in_flight, self.in_flight_since = op, time.monotonic()
+            sent = time.time()
             try:
                 send(sock, {"op": op, "args": args})
                 reply = receive(sock)
@@ -111,6 +120,7 @@ class WorkerClient:
                 self.in_flight = self.in_flight_since = None
             if reply.get("loaded") and self.loaded_since is None:
                 self.loaded_since = time.time()
+            self._log_call(proc.pid, op, args, sent, reply)
             self.last_used = time.monotonic()
             self._arm_timer()
             if reply.get("ok"):
@@ -120,6 +130,42 @@ class WorkerClient:
             raise HeadmasterError(reply.get("error") or f"'{op}' failed in the worker")
         finally:
             self._lock.release()
+
+    # -- getting ready before the first call ------------------------------------------
+    def prestart(self, **warm_args: Any) -> bool:
+        """Start and warm the worker on a thread of its own unless it is running with its model, being started,
+        or busy (a call in flight brings it up anyway). Returns at once: True if a warm-up was started."""
+        if self._closed or (self._proc is not None and self.loaded_since is not None) or self._lock.locked():
+            return False
+        with self._prestart_lock:
+            if self._warming is not None and self._warming.is_alive():
+                return False
+            self._warming = threading.Thread(target=self._warm, kwargs=warm_args, name="hmd-warm", daemon=True)
+            self.warmups += 1
+            self._warming.start()
+        return True
+
+    def _warm(self, **args: Any) -> None:
+        try:
+            result = self.call("warm", **args)
+            logger.info("worker warmed up: model {} loaded and run once{} in {:.2f}s", result["model"],
+                        ", head checkpoint loaded" if result["head"] else "", result["seconds"])
+        except (WorkerCrashed, WorkerBug) as e:
+            if not self._closed:
+                logger.warning("worker warm-up failed: {}", e)
+        except HeadmasterError as e:  # e.g. no usable model yet: the sorter's own call says so where it matters
+            logger.debug("worker warm-up: {}", e)
+
+    def _log_call(self, pid: int, op: str, args: dict[str, Any], sent: float, reply: dict[str, Any]) -> None:
+        """Where a request's time went, for the log: the worker's set-up (first answer), then the call."""
+        if (ready := reply.get("ready_at")) is not None and self.started_at is not None:
+            logger.info("worker (pid {}) set up {:.2f}s after its start (interpreter, imports, database)", pid,
+                        ready - self.started_at)
+        t = reply.get("timings") or {}
+        files = f" {len(args['paths'])} file(s)" if isinstance(args.get("paths"), list) else ""
+        detail = (f": model load {t['load_seconds']:.2f}s, decode+forward {t['embed_seconds']:.2f}s of "
+                  f"{t['embedded']} new, embed_paths {t['seconds']:.2f}s ({t['hashed']} hashed)") if t else ""
+        logger.debug("worker {}{} in {:.2f}s{}", op, files, time.time() - sent, detail)
 
     # -- process life cycle ----------------------------------------------------------
     def _ensure_started(self) -> tuple[socket.socket, subprocess.Popen]:
@@ -259,5 +305,5 @@ class WorkerClient:
         return {"running": pid is not None, "pid": pid, "since": iso(started) if pid else None,
                 "model_loaded": bool(pid and loaded), "model_loaded_since": iso(loaded) if pid and loaded else None,
                 "rss_mib": rss_mib(pid) if pid else None, "busy": self.in_flight,
-                "idle_seconds": self.idle_seconds, "starts": self.starts, "crashes": self.crashes,
-                "idle_exits": self.idle_exits, "last_crash": self.last_crash}
+                "idle_seconds": self.idle_seconds, "starts": self.starts, "warmups": self.warmups,
+                "crashes": self.crashes, "idle_exits": self.idle_exits, "last_crash": self.last_crash}

@@ -69,6 +69,7 @@ _EXPORTS = {
     "scan_paths": "pipeline",
     "spec_from_processor": "onnx.preprocess",
     "vectors_for": "pipeline",
+    "warm_embedder": "pipeline",
     "worker_setup": "pipeline",
 }
 
@@ -86,7 +87,7 @@ if TYPE_CHECKING:
     from headmaster.embedding.onnx.runtime import INPUT_NAME, cpu_session
     from headmaster.embedding.pipeline import (EmbedResult, Skipped, default_workers, embed_for, embed_paths,
                                                hash_paths, ordered_map, prepare_image, progress_enabled, scan_paths,
-                                               vectors_for, worker_setup)
+                                               vectors_for, warm_embedder, worker_setup)
     from headmaster.embedding.ray_engine import (RayOptions, RayPlan, RayResult, check_readable_on_workers,
                                                  embed_for_ray, embed_paths_ray, plan_ray, require_ray)
     from headmaster.embedding.registry import activate_model, add_model

@@ -427,6 +427,18 @@ def embed_paths(
 
 
 
+def warm_embedder(model: Model, *, device: str | None = None, backend: str | None = None) -> "Embedder":
+    """Load `model`'s embedder as `embed_paths` will (the same cache of loaded models and ONNX sessions) and put
+    one blank image through it, so the first real batch pays neither the load nor the first run's set-up.
+    hmd's worker does this while new files are still settling (headmaster/daemon/worker.py, `warm`)."""
+    from PIL import Image
+
+    embedder = backend_embedder(model, backend, device)
+    side = embedder.input_side
+    embedder.embed_pixels(embedder.preprocess([Image.new("RGB", (side, side))]))
+    return embedder
+
+
 def embed_for(ctx: "Context", model: Model, paths: Iterable[Path], label: str = "Embedding",
               **kwargs: Any) -> EmbedResult:
     """`embed_paths` with the command's options (device, batch size, workers, progress) from `ctx`."""
