@@ -66,6 +66,50 @@ def test_settler_waits_for_quiet_and_for_the_writer_to_close(tmp_path):
     assert settler.is_pending(empty)  # an empty file waits for the long timeout
 
 
+def test_a_file_its_writer_closed_settles_sooner_than_one_moved_in(tmp_path):
+    """With closes reported (inotify), a closed file needs only CLOSED_SETTLE_S of quiet; a file that came without
+    a close, or changed after its close, waits the whole settle_seconds."""
+    from headmaster.daemon.watcher import CLOSED_SETTLE_S
+
+    settler = Settler(settle_seconds=5 * CLOSED_SETTLE_S, track_close=True)
+    copied, moved, reopened = (tmp_path / n for n in ("copied.png", "moved.png", "reopened.png"))
+    for f in (copied, moved, reopened):
+        f.write_bytes(b"x" * 10)
+    settler.touch(copied, writing=True)
+    settler.closed(copied)
+    os.utime(copied, ns=(1, 10**18))  # cp -p / copy2 set the original's mtime after the close: still closed
+    due = settler.touch(copied)
+    settler.touch(moved)  # a rename into the folder: no close event
+    settler.touch(reopened, writing=True)
+    settler.closed(reopened)
+    reopened.write_bytes(b"y" * 20)  # written again after its close
+    settler.touch(reopened)
+    assert due - time.monotonic() <= CLOSED_SETTLE_S
+    time.sleep(CLOSED_SETTLE_S + 0.1)
+    settled, next_due = settler.check()
+    assert settled == [copied] and next_due is not None and next_due - time.monotonic() > CLOSED_SETTLE_S
+    plain = Settler(settle_seconds=5 * CLOSED_SETTLE_S, track_close=False)  # no inotify: no shortcut
+    assert plain.closed(copied) - time.monotonic() > CLOSED_SETTLE_S
+
+
+def test_a_settled_file_stays_known_until_it_changes_or_goes(tmp_path):
+    """What the sorter asks of a file that settled in an earlier check than the one its job came from: without
+    it, such a file was put back to settle again (a second settle_seconds wait in a burst)."""
+    settler = Settler(settle_seconds=0.05, track_close=False)
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    a.write_bytes(b"a")
+    b.write_bytes(b"b")
+    assert not settler.was_settled(a)
+    settler.touch(a)
+    settler.touch(b)
+    time.sleep(0.1)
+    assert sorted(settler.check()[0]) == [a, b] and settler.was_settled(a) and settler.was_settled(b)
+    a.write_bytes(b"aa")  # changed since: not known complete any more
+    assert not settler.was_settled(a)
+    settler.forget(b)
+    assert not settler.was_settled(b)
+
+
 def test_a_file_that_keeps_changing_is_not_settled(tmp_path):
     settler = Settler(settle_seconds=0.1, track_close=False)
     f = tmp_path / "grow.png"

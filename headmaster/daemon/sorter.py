@@ -95,7 +95,7 @@ class Sorter:
         for f in inbox_files(folder):
             if f in taken or hub.settler.is_pending(f):
                 continue
-            if f in settled:
+            if f in settled or hub.settler.was_settled(f):  # settled in this check, or in one since queued
                 ready.append(f)
                 continue
             try:

@@ -54,6 +54,13 @@ class _Pending:
     signature: tuple[int, int] | None  # (size, mtime_ns)
     since: float  # monotonic time the signature last changed
     writing: bool  # written through an open descriptor that is not closed yet
+    closed: bool = False  # its writer closed it (IN_CLOSE_WRITE) and it has not changed since
+
+
+def _touched_only(p: _Pending, sig: tuple[int, int] | None) -> bool:
+    """Still closed: only the mtime moved since the close, as when a copy (cp -p, a file manager, rsync) sets
+    the original's time after writing; new bytes (another size) mean a writer is at it again."""
+    return p.closed and sig is not None and p.signature is not None and sig[0] == p.signature[0]
 
 
 def _signature(path: Path) -> tuple[int, int] | None:
@@ -64,19 +71,34 @@ def _signature(path: Path) -> tuple[int, int] | None:
     return st.st_size, st.st_mtime_ns
 
 
+SETTLED_MEMORY = 100_000  # settled files remembered (a path and two numbers each)
+CLOSED_SETTLE_S = 0.25  # a file its writer closed is done once it stays unchanged this long (or settle_seconds, if less)
+
+
 class Settler:
-    """Files that changed recently, until each one has been still for `settle_seconds`."""
+    """Files that changed recently, until each one has been still for `settle_seconds`.
+
+    Where the kernel reports closes (inotify), a file whose writer closed it and that stayed unchanged
+    for CLOSED_SETTLE_S is done sooner: the close says the copy is finished, the short wait catches a
+    writer that opens it again. A file that arrives without a close (moved in, or on another system)
+    waits the whole `settle_seconds`.
+    """
 
     def __init__(self, settle_seconds: float, track_close: bool):
         self.settle_seconds = settle_seconds
         self.track_close = track_close  # only inotify tells us when a writer closes a file
         self._pending: dict[Path, _Pending] = {}
+        self._settled: dict[Path, tuple[int, int]] = {}  # settled files -> their signature then (until they go)
         self._lock = threading.Lock()
 
     @property
     def stale_writer_seconds(self) -> float:
         """Give up waiting for a close after this long without change (a writer that hangs)."""
         return max(60.0, 10 * self.settle_seconds)
+
+    def _quiet(self, p: _Pending) -> float:
+        """How long `p` must stay unchanged once nothing writes it."""
+        return min(self.settle_seconds, CLOSED_SETTLE_S) if p.closed and self.track_close else self.settle_seconds
 
     def touch(self, path: Path, writing: bool = False) -> float:
         """Note a change to `path`; returns the monotonic time it may be settled at the earliest."""
@@ -85,29 +107,40 @@ class Settler:
         with self._lock:
             p = self._pending.get(path)
             if p is None or p.signature != sig:
-                p = _Pending(sig, now, (p.writing if p else False))
+                p = _Pending(sig, now, (p.writing if p else False), p is not None and _touched_only(p, sig))
                 self._pending[path] = p
             if writing and self.track_close:
-                p.writing = True
-            return p.since + self.settle_seconds
+                p.writing, p.closed = True, False
+            return p.since + self._quiet(p)
 
     def closed(self, path: Path) -> float:
         """The writer closed `path` (IN_CLOSE_WRITE)."""
+        due = self.touch(path)
         with self._lock:
             p = self._pending.get(path)
-            if p is not None:
-                p.writing = False
-        return self.touch(path)
+            if p is None:  # forgotten meanwhile (removed)
+                return due
+            p.writing, p.closed = False, True
+            return p.since + self._quiet(p)
 
     def forget(self, path: Path) -> None:
         with self._lock:
             self._pending.pop(path, None)
+            self._settled.pop(path, None)
 
     def forget_under(self, folder: Path) -> None:
         prefix = str(folder) + os.sep
         with self._lock:
             for p in [p for p in self._pending if str(p).startswith(prefix)]:
                 del self._pending[p]
+            for p in [p for p in self._settled if str(p).startswith(prefix)]:
+                del self._settled[p]
+
+    def was_settled(self, path: Path) -> bool:
+        """`path` settled (in any check so far) and has not changed since: a job that finds it need not wait."""
+        with self._lock:
+            sig = self._settled.get(path)
+        return sig is not None and sig == _signature(path)
 
     def is_pending(self, path: Path) -> bool:
         with self._lock:
@@ -134,14 +167,17 @@ class Settler:
                     del self._pending[path]
                     continue
                 if sig != p.signature:
-                    p.signature, p.since = sig, now
+                    p.signature, p.since, p.closed = sig, now, _touched_only(p, sig)
                 still = now - p.since
                 # an empty or still-open file needs a longer silence before we believe it is done
                 waiting = p.writing or sig[0] == 0
-                limit = self.stale_writer_seconds if waiting else self.settle_seconds
+                limit = self.stale_writer_seconds if waiting else self._quiet(p)
                 if still >= limit:
                     settled.append(path)
                     del self._pending[path]
+                    self._settled[path] = sig
+                    if len(self._settled) > SETTLED_MEMORY:  # files that left without an event: forget the oldest
+                        del self._settled[next(iter(self._settled))]
                 else:
                     due = p.since + limit
                     next_due = due if next_due is None else min(next_due, due)
