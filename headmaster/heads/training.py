@@ -125,23 +125,20 @@ def previous_checkpoint(ctx: Context, head: str) -> dict | None:
         return None
 
 
-def current_kind(ctx: Context, head: str) -> str:
-    """The kind of the head's existing checkpoint, so a retrain (by hand or by the daemon) keeps it; else mlp.
-
-    A head that `--kind auto` chose stays auto: the retrain compares the kinds again.
+def current_kind(previous: dict | None) -> str:
+    """The kind of the head's existing checkpoint `previous`, so a retrain (by hand or by the daemon) keeps it;
+    else mlp. A head that `--kind auto` chose stays auto: the retrain compares the kinds again.
     """
-    previous = previous_checkpoint(ctx, head)
     if previous is None:
         return "mlp"
     return "auto" if "selection" in previous.get("metadata", {}) else previous.get("kind", "mlp")
 
 
-def current_error_goal(ctx: Context, head: str, asked: float | None) -> float | None:
+def current_error_goal(previous: dict | None, asked: float | None) -> float | None:
     """The error goal a training uses: `asked` (--max-error; 0 drops the goal), else the one the head's
-    checkpoint holds, so a retrain (plain `hm train`, or hmd's) keeps it as it keeps the kind."""
+    checkpoint `previous` holds, so a retrain (plain `hm train`, or hmd's) keeps it as it keeps the kind."""
     if asked is not None:
         return asked or None
-    previous = previous_checkpoint(ctx, head)
     goal = (previous or {}).get("metadata", {}).get("error_goal")
     return float(goal["max_error"]) if goal else None
 
@@ -185,10 +182,11 @@ def train_one(ctx: Context, head: str, config: "TrainConfig | None" = None) -> T
     if matrix.shape[1] != model.embed_dim:
         raise HeadmasterError(f"cached vectors have {matrix.shape[1]} dimensions, model '{model.name}' "
                               f"is registered with {model.embed_dim}")
-    kind = config.kind or current_kind(ctx, head)
-    config = replace(config, max_error=current_error_goal(ctx, head, config.max_error))
+    previous = previous_checkpoint(ctx, head)  # read once: its kind, its error goal, its weights to start from
+    kind = config.kind or current_kind(previous)
+    config = replace(config, max_error=current_error_goal(previous, config.max_error))
     if config.warm_start:
-        config = warm_config(config, previous_checkpoint(ctx, head), classes, int(matrix.shape[1]))
+        config = warm_config(config, previous, classes, int(matrix.shape[1]))
     outcome = train_vectors(head, classes, matrix, np.array(labels), sources, model.name, kind, config)
     path = ctx.workspace.checkpoint_path(head)
     save_checkpoint(outcome.checkpoint, path)
