@@ -17,6 +17,15 @@ from typing import BinaryIO, Callable
 TEMP_PREFIX = ".hm-tmp-"  # hidden, so scans ignore it; cleaned by `remove_stale_temps`
 
 
+def size_and_mtime(path: Path | str) -> tuple[int, int] | None:
+    """(size, mtime_ns) of `path`, or None when it cannot be stat'ed: what says a file is as it was."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
 def unique_path(folder: Path, name: str, taken: set[Path] | None = None) -> Path:
     """`folder/name` if free, else `stem_1.ext`, `stem_2.ext`, ... (the first free one).
 

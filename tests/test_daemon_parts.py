@@ -333,3 +333,15 @@ def test_sort_files_stops_with_a_window_in_flight_and_leaves_its_files(tmp_path)
     moved = sorted(p.name for p in (dest / "red").iterdir()) if (dest / "red").exists() else []
     assert sorted(moved + [p.name for p in inbox_files(inbox)]) == [p.name for p in files]  # each file once
     assert len(result.placed) == len(moved) < 4
+
+
+def test_a_workspace_inside_a_library_is_not_part_of_it(tmp_path):
+    from headmaster.config import LibraryConfig
+    from headmaster.daemon.library import _library_state, _wanted
+
+    lib = _library_state(LibraryConfig(str(tmp_path / "Pictures")), tmp_path / "Pictures" / "headmaster")
+    assert lib.exclude == [tmp_path / "Pictures" / "headmaster"]
+    assert _wanted(lib, tmp_path / "Pictures" / "2024" / "a.jpg")
+    assert not _wanted(lib, tmp_path / "Pictures" / "headmaster" / "heads" / "hue" / "red" / "b.jpg")
+    assert _wanted(lib, tmp_path / "Pictures" / "headmaster-old" / "c.jpg")
+    assert _library_state(LibraryConfig(str(tmp_path / "Pictures")), tmp_path / "ws").exclude == []

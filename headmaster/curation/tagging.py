@@ -32,7 +32,7 @@ from headmaster.curation.sidecars import sidecar_paths
 from headmaster.curation.tagrecords import Found, ensure_tag_schema, find_images, previous_records, written_sidecars
 from headmaster.curation.xmp import HeadRecord, SidecarError, merge_sidecar_tags, write_sidecar
 from headmaster.embedding import Context, EmbedResult, Skipped, progress_enabled
-from headmaster.fileops import fsync_dir, write_atomic
+from headmaster.fileops import fsync_dir, size_and_mtime, write_atomic
 from headmaster.heads import (HeadRules, Tag, checkpoint_version, cut_margin, decide_with_cut, embed_for_scoring,
                               load_heads, score_vectors, tag_for)
 from headmaster.store import Store
@@ -148,13 +148,6 @@ def _version(ctx: Context, head: str, created: str) -> str:
     are still two versions, so a retrain always rewrites what it changed."""
     return checkpoint_version(ctx.workspace.trained_checkpoint(head), created)
 
-
-def _stat(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -274,7 +267,7 @@ def tag_images(ctx: Context, images: list[Path], heads: list[str], options: TagO
         for (i, data), action in zip(pending, done):
             report.actions[i] = action
             if not action.note:
-                st = _stat(action.sidecar) or (len(data), 0)
+                st = size_and_mtime(action.sidecar) or (len(data), 0)
                 sidecar_rows.append((str(action.sidecar.absolute()), str(action.image.absolute()), action.kind,
                                      hashlib.sha256(data).hexdigest(), st[0], st[1], _now()))
         for folder in {report.actions[i].sidecar.parent for i, _ in pending}:
@@ -305,7 +298,7 @@ def tag_images(ctx: Context, images: list[Path], heads: list[str], options: TagO
                   else "") for r in records]
         sidecars = {kind: names[kind][image] for kind in kinds}
         same = all(previous.get((key, r.head)) == s for r, s in zip(records, state))
-        if same and all((rec := ours.get(str(sc.absolute()))) is not None and _stat(sc) == rec[1:]
+        if same and all((rec := ours.get(str(sc.absolute()))) is not None and size_and_mtime(sc) == rec[1:]
                         for sc in sidecars.values()):
             report.actions.extend(TagAction(image, sc, kind, "unchanged") for kind, sc in sidecars.items())
             bar.update(1)
@@ -313,7 +306,7 @@ def tag_images(ctx: Context, images: list[Path], heads: list[str], options: TagO
         if options.changed_decisions_only and all(
                 (p := previous.get((key, r.head))) is not None and (p[0], *p[2:]) == (s[0], *s[2:])
                 for r, s in zip(records, state)) and all(
-                (rec := ours.get(str(sc.absolute()))) is not None and _stat(sc) == rec[1:] for sc in sidecars.values()):
+                (rec := ours.get(str(sc.absolute()))) is not None and size_and_mtime(sc) == rec[1:] for sc in sidecars.values()):
             report.actions.extend(TagAction(image, sc, kind, "unchanged") for kind, sc in sidecars.items())
             if not options.dry_run:
                 check_rows.extend((key, r.head, hash_, versions[r.head], _now()) for r in records)
@@ -334,7 +327,7 @@ def tag_images(ctx: Context, images: list[Path], heads: list[str], options: TagO
             elif data is not None:
                 pending.append((len(report.actions), data))
             elif action.what == "unchanged" and not options.dry_run:
-                st = _stat(sidecar)
+                st = size_and_mtime(sidecar)
                 if st is not None:  # ours or identical to ours: remember it, so the next run need not read it
                     sidecar_rows.append((str(sidecar.absolute()), key, kind, hashlib.sha256(_read(sidecar) or b"")
                                          .hexdigest(), st[0], st[1], _now()))

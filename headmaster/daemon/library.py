@@ -33,7 +33,7 @@ from headmaster.config import LibraryConfig
 from headmaster.curation import SKIP_FOLDERS, find_images, forget_gone, forget_tag_records, tagged_images
 from headmaster.daemon.calls import CRASHED, Calls
 from headmaster.daemon.hub import Hub, Task
-from headmaster.fileops import remove_stale_temps
+from headmaster.fileops import remove_stale_temps, size_and_mtime
 from headmaster.workspace import is_image_name
 
 STALE_TEMP_S = 5.0  # a sidecar's temp file older than this is a leftover of a crash (a write takes milliseconds)
@@ -49,6 +49,7 @@ class LibraryState:
     failed: dict[str, tuple[tuple[int, int] | None, str]] = field(default_factory=dict)  # path -> (stat, reason)
     paused: bool = False
     watch: Any = None  # watchdog's ObservedWatch while the root is watched
+    exclude: list[Path] = field(default_factory=list)  # hmd's workspace, when it lies inside the library
 
 
 class Libraries:
@@ -56,7 +57,8 @@ class Libraries:
         self.hub = hub
         self.calls = calls
         self.lock = threading.Lock()
-        self.libraries = [LibraryState(lib, Path(os.path.normpath(lib.root))) for lib in hub.config.library]
+        ws = Path(os.path.normpath(hub.ws.root.absolute()))
+        self.libraries = [_library_state(lib, ws) for lib in hub.config.library]
         self._swept: set[Path] = set()  # libraries cleared of our leftover temp files since start
         self._checked: dict[str, str] = {}  # head -> the checkpoint (its version) its libraries were queued for
         self.watch: Callable[[Path], Any] | None = None  # the Daemon's: schedule a root on the observer
@@ -116,11 +118,11 @@ class Libraries:
                 if removed := remove_stale_temps(lib.root, STALE_TEMP_S):
                     logger.info("library {}: removed {} temporary file(s) left by an interrupted write", lib.root,
                                 removed)
-            images = find_images([lib.root], lib.config.recursive, exclude=self._inside(lib)).images
+            images = find_images([lib.root], lib.config.recursive, exclude=lib.exclude).images
         except (OSError, HeadmasterError) as e:  # vanished while we listed it: the timer finds it missing
             logger.warning("library {}: cannot list it: {}", lib.root, getattr(e, "strerror", None) or e)
             return
-        stats = {str(p): st for p in images if (st := _stat(p)) is not None}
+        stats = {str(p): st for p in images if (st := size_and_mtime(p)) is not None}
         with self.lock:
             lib.photos = stats
         if lib.root.is_dir() and (gone := forget_gone(self.hub.store, lib.root, set(stats))):
@@ -128,18 +130,12 @@ class Libraries:
                         lib.root, gone)
         self._tag(lib, stats)
 
-    def _inside(self, lib: LibraryState) -> list[Path]:
-        """The workspace, when it lies inside this library: its examples and sorted copies are not library photos."""
-        ws = Path(os.path.normpath(self.hub.ws.root.absolute()))
-        return [ws] if lib.root in ws.parents else []
-
     def settled(self, paths: list[Path]) -> None:
         """Photos under a library that stopped changing: tag those that are not current."""
         by_lib: dict[int, dict[str, tuple[int, int]]] = {}
         for p in paths:
             lib = self.find(p)
-            if lib is None or lib.paused or not _wanted(lib, p) or any(w == p or w in p.parents for w in
-                                                                       self._inside(lib)) or (st := _stat(p)) is None:
+            if lib is None or lib.paused or not _wanted(lib, p) or (st := size_and_mtime(p)) is None:
                 continue
             by_lib.setdefault(id(lib), {})[str(p)] = st
             with self.lock:
@@ -237,7 +233,7 @@ class Libraries:
             with self.lock:
                 lib.tagged.update(written, same)
                 for p, reason in failed:
-                    lib.failed[p] = (_stat(Path(p)), reason)
+                    lib.failed[p] = (size_and_mtime(Path(p)), reason)
                     lib.tagged.discard(p)
             for p, reason in failed:
                 logger.warning("library {}: cannot tag {}: {}", lib.root, os.path.relpath(p, lib.root), reason)
@@ -257,12 +253,12 @@ class Libraries:
         return out
 
 
-def _stat(path: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns
+
+def _library_state(config: LibraryConfig, workspace: Path) -> LibraryState:
+    """A library as hmd keeps it: its root normalised; the workspace left out when it lies inside (its examples
+    and sorted copies are not library photos)."""
+    root = Path(os.path.normpath(config.root))
+    return LibraryState(config, root, exclude=[workspace] if root in workspace.parents else [])
 
 
 def _belongs(lib: LibraryState, path: Path) -> bool:
@@ -270,10 +266,13 @@ def _belongs(lib: LibraryState, path: Path) -> bool:
 
 
 def _wanted(lib: LibraryState, path: Path) -> bool:
-    """A photo find_images would list: an image name, no hidden or NAS folder on the way, depth by `recursive`."""
+    """A photo find_images would list: an image name, no hidden or NAS folder on the way, depth by `recursive`,
+    not in an excluded folder."""
     try:
         parts = path.relative_to(lib.root).parts
     except ValueError:
+        return False
+    if any(x == path or x in path.parents for x in lib.exclude):
         return False
     if not parts or not is_image_name(parts[-1]) or (not lib.config.recursive and len(parts) > 1):
         return False

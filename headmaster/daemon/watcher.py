@@ -30,7 +30,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from headmaster.fileops import TEMP_PREFIX
+from headmaster.fileops import TEMP_PREFIX, size_and_mtime
 from headmaster.workspace import NOT_BUCKET_PREFIXES, is_image_name
 
 # Names browsers and sync tools give files while they are still arriving.
@@ -62,13 +62,6 @@ def _touched_only(p: _Pending, sig: tuple[int, int] | None) -> bool:
     the original's time after writing; new bytes (another size) mean a writer is at it again."""
     return p.closed and sig is not None and p.signature is not None and sig[0] == p.signature[0]
 
-
-def _signature(path: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns
 
 
 SETTLED_MEMORY = 100_000  # settled files remembered (a path and two numbers each)
@@ -103,7 +96,7 @@ class Settler:
     def touch(self, path: Path, writing: bool = False) -> float:
         """Note a change to `path`; returns the monotonic time it may be settled at the earliest."""
         now = time.monotonic()
-        sig = _signature(path)
+        sig = size_and_mtime(path)
         with self._lock:
             p = self._pending.get(path)
             if p is None or p.signature != sig:
@@ -140,7 +133,7 @@ class Settler:
         """`path` settled (in any check so far) and has not changed since: a job that finds it need not wait."""
         with self._lock:
             sig = self._settled.get(path)
-        return sig is not None and sig == _signature(path)
+        return sig is not None and sig == size_and_mtime(path)
 
     def is_pending(self, path: Path) -> bool:
         with self._lock:
@@ -162,7 +155,7 @@ class Settler:
         next_due: float | None = None
         with self._lock:
             for path, p in list(self._pending.items()):
-                sig = _signature(path)
+                sig = size_and_mtime(path)
                 if sig is None:  # vanished (moved away or deleted)
                     del self._pending[path]
                     continue
