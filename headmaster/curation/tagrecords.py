@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS tag_sidecars (
     mtime_ns INTEGER NOT NULL,
     at TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS tag_sidecars_image ON tag_sidecars(image);  -- an image's sidecars, when it is gone
 CREATE TABLE IF NOT EXISTS tag_checks (
     path TEXT NOT NULL,        -- the image, absolute
     head TEXT NOT NULL,
@@ -178,10 +179,8 @@ def _forget(store: Store, gone: list[str]) -> int:
     left behind stays ours, so a photo put back is updated, not taken for the user's). Deletes no file."""
     if not gone:
         return 0
-    marks = ",".join("?" * len(gone)) if len(gone) < 500 else None
-    rows = (store.conn.execute(f"SELECT sidecar FROM tag_sidecars WHERE image IN ({marks})", gone) if marks else
-            (r for r in store.conn.execute("SELECT sidecar, image FROM tag_sidecars") if r[1] in set(gone)))
-    sidecars = [r[0] for r in rows if not os.path.lexists(r[0])]
+    sidecars = [r[0] for image in gone for r in store.conn.execute("SELECT sidecar FROM tag_sidecars WHERE image = ?",
+                                                                    (image,)) if not os.path.lexists(r[0])]
     with store.conn:
         store.conn.execute("BEGIN IMMEDIATE")
         store.conn.executemany("DELETE FROM tags WHERE path = ?", [(p,) for p in gone])
