@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import numpy as np
 
 from headmaster import HeadmasterError
 from headmaster.embedding import Context, file_sha256, hash_paths
@@ -313,24 +312,14 @@ class UncertainFile:
 
 def rank_uncertain(ctx: Context, head: str, limit: int | None = None) -> list[UncertainFile]:
     """Files in classified/<head>/uncertain/, closest to the decision boundary first (label those first)."""
-    from headmaster.heads import decide_paths, load_trained
+    from headmaster.heads import cut_margin, decide_paths, load_trained
 
     trained, model = load_trained(ctx, head)
     folder = ctx.workspace.classified_dir / head / UNCERTAIN
     paths = list_images(folder)[0] if folder.is_dir() else []
     decisions, _ = decide_paths(ctx, trained, model, paths, label=f"Ranking {head}")
-    out = []
-    for d in decisions:
-        probs = np.array([d.probabilities[c] for c in trained.classes])
-        if trained.type == "binary":
-            t = trained.threshold if trained.threshold is not None else 0.5
-            margin = abs(float(probs[1]) - t)
-            guess = trained.classes[int(probs[1] >= t)]
-        else:
-            top = np.sort(probs)[::-1]
-            margin = float(top[0] - top[1])
-            guess = trained.classes[int(np.argmax(probs))]
-        out.append(UncertainFile(d.path, guess, d.score, margin))
+    out = [UncertainFile(d.path, trained.guess(d.probabilities), d.score, cut_margin(trained, d.probabilities))
+           for d in decisions]
     out.sort(key=lambda u: (u.margin, u.path.name))
     return out[:limit] if limit else out
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from headmaster.curation.tagrecords import find_images
 from headmaster.embedding import Context, vectors_for
+from headmaster.fileops import size_and_mtime
 
 
 @dataclass(frozen=True)
@@ -66,11 +67,7 @@ def rank_library(ctx: Context, root: Path, head: str, recursive: bool = True, li
     hashes: dict[Path, str] = {}
     for path in images:
         sig = signatures.get(str(path))
-        try:
-            st = os.stat(path)
-        except OSError:
-            st = None
-        if sig is None or st is None or (sig[0], sig[1]) != (st.st_size, st.st_mtime_ns) or not sig[4]:
+        if sig is None or size_and_mtime(path) != (sig[0], sig[1]) or not sig[4]:
             out.waiting += 1  # not indexed as it is now, or no vector for the active model
             continue
         hashes[path] = sig[3]
@@ -83,18 +80,10 @@ def rank_library(ctx: Context, root: Path, head: str, recursive: bool = True, li
     out.scored = len(decisions)
     ranked = []
     for d in decisions:
-        guess = _guess(trained, d.probabilities)
+        guess = trained.guess(d.probabilities)
         ranked.append(LibraryPhoto(d.path, d.hash, guess, d.bucket, d.probabilities[guess],
                                    cut_margin(trained, d.probabilities)))
     ranked.sort(key=lambda p: (p.margin, str(p.path)))  # ties: path order, a stable page
     out.ranked = ranked[:limit] if limit else ranked
     return out
 
-
-def _guess(trained, probabilities: dict[str, float]) -> str:
-    """The bucket on the photo's side of the head's cut (as rank_uncertain guesses)."""
-    classes = trained.classes
-    if trained.type == "binary":
-        t = trained.threshold if trained.threshold is not None else 0.5
-        return classes[1] if probabilities[classes[1]] >= t else classes[0]
-    return max(classes, key=lambda c: probabilities[c])

@@ -124,6 +124,12 @@ class HeadRules:
             return (probs[:, 1] >= t).astype(int)
         return probs.argmax(axis=1)
 
+    def guess(self, probabilities: dict[str, float]) -> str:
+        """The bucket on an image's side of the cut, uncertain or not (predict_labels for one image): what the
+        review page offers as its guess."""
+        row = np.array([[probabilities[c] for c in self.classes]])
+        return self.classes[int(self.predict_labels(row)[0])]
+
     def uncertain_rule(self) -> dict[str, Any]:
         """The rule as data (the ONNX export's JSON)."""
         if self.type == "binary":
