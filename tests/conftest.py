@@ -93,3 +93,37 @@ def colour_head(workspace) -> Path:
 def clip_ctx(ctx, clip_path):
     add_model(ctx.store, "tiny-clip", str(clip_path), 24)
     return ctx
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium driven by Selenium (tests/browser.py), one per module; skipped where there is none,
+    except in CI, where skip_reason raises."""
+    from browser import skip_reason, start_chromium
+
+    if (reason := skip_reason()) is not None:
+        pytest.skip(reason)
+    driver = start_chromium()
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def guard():
+    """The review page's guard for 127.0.0.1:7878 (helpers.ORIGIN)."""
+    from headmaster.web.security import Guard
+
+    return Guard("127.0.0.1", 7878)
+
+
+@pytest.fixture(scope="module")
+def client(service, guard):
+    """A test client of the review page over the module's own `service` fixture (a ReviewService)."""
+    from helpers import ORIGIN
+    from starlette.testclient import TestClient
+
+    from headmaster.web.app import create_app
+
+    with TestClient(create_app(service, guard), base_url=ORIGIN) as c:
+        yield c

@@ -82,3 +82,11 @@ def build_timm(folder: Path) -> Path:
     TimmWrapperForImageClassification(config).save_pretrained(folder)
     TimmWrapperImageProcessor(pretrained_cfg=pretrained_cfg, architecture=config.architecture).save_pretrained(folder)
     return folder
+
+
+ORIGIN = "http://127.0.0.1:7878"  # where the review page's tests serve it (the guard's host and port)
+
+
+def post_json(client, guard, url: str, body: dict | None = None, **headers):
+    """A POST from the page's script: JSON, with the CSRF token (and any other headers given)."""
+    return client.post(url, json=body or {}, headers={"x-csrf-token": guard.csrf, **headers})

@@ -18,7 +18,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import colour_image, fill_bucket
+from helpers import ORIGIN, colour_image, fill_bucket
+from helpers import post_json as post
 from PIL import Image
 from starlette.testclient import TestClient
 
@@ -35,7 +36,6 @@ from headmaster.web.security import Guard
 from headmaster.web.thumbnails import ThumbnailError, cached_thumbnail, make_thumbnail
 from headmaster.workspace import Workspace
 
-ORIGIN = "http://127.0.0.1:7878"
 
 
 @pytest.fixture(scope="module")
@@ -66,19 +66,6 @@ def service(site):
     models.close()
 
 
-@pytest.fixture(scope="module")
-def guard() -> Guard:
-    return Guard("127.0.0.1", 7878)
-
-
-@pytest.fixture(scope="module")
-def client(service, guard):
-    with TestClient(create_app(service, guard), base_url=ORIGIN) as c:
-        yield c
-
-
-def post(client, guard, url: str, body: dict | None = None, **headers):
-    return client.post(url, json=body or {}, headers={"x-csrf-token": guard.csrf, **headers})
 
 
 def corrections(ws: Path) -> list[tuple[str, str, str]]:

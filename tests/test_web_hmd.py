@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser import skip_reason, start_chromium
+from browser import skip_reason
 from helpers import fill_bucket
 from PIL import Image
 from test_daemon import Hmd, wait_for
@@ -40,16 +40,6 @@ def hmd(tmp_path_factory, clip_path):
     wait_for(lambda: (h := daemon.head()) and h["trained"] and not h["training"], 120, "the head to train", daemon)
     yield daemon
     daemon.kill()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if REASON is not None:
-        pytest.skip(REASON)
-    driver = start_chromium()
-    driver.set_page_load_timeout(60)
-    yield driver
-    driver.quit()
 
 
 def sha(path: Path) -> str:

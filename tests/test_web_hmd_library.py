@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser import skip_reason, start_chromium
+from browser import skip_reason
 from helpers import fill_bucket
 from PIL import Image
 from test_daemon import Hmd, wait_for
@@ -58,16 +58,6 @@ def hmd(tmp_path_factory, clip_path):
     daemon.originals = photo_hashes(photos)
     yield daemon
     daemon.kill()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if REASON is not None:
-        pytest.skip(REASON)
-    driver = start_chromium()
-    driver.set_page_load_timeout(60)
-    yield driver
-    driver.quit()
 
 
 def test_the_page_shows_the_librarys_counts_and_its_queue_as_json(hmd):

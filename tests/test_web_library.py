@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import colour_image, fill_bucket
+from helpers import ORIGIN, colour_image, fill_bucket, post_json
 from PIL import Image
 from starlette.testclient import TestClient
 
@@ -37,10 +37,8 @@ from headmaster.store import Store
 from headmaster.web import ReviewService
 from headmaster.web.app import create_app
 from headmaster.web.backend import library_names
-from headmaster.web.security import Guard
 from headmaster.workspace import Workspace
 
-ORIGIN = "http://127.0.0.1:7878"
 MIXES = [(200, 60), (150, 110), (125, 125), (110, 150), (60, 200)]  # red .. blue: some near the cut
 
 
@@ -101,19 +99,8 @@ def service(site):
     models.close()
 
 
-@pytest.fixture(scope="module")
-def guard() -> Guard:
-    return Guard("127.0.0.1", 7878)
-
-
-@pytest.fixture(scope="module")
-def client(service, guard):
-    with TestClient(create_app(service, guard), base_url=ORIGIN) as c:
-        yield c
-
-
 def post(client, guard, url: str, body: dict | None = None):
-    return client.post(url, json=body or {}, headers={"x-csrf-token": guard.csrf, "origin": ORIGIN})
+    return post_json(client, guard, url, body, origin=ORIGIN)
 
 
 def queue(client) -> dict:
