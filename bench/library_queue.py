@@ -31,16 +31,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tag_library import link  # bench/: hard links to the shared photos, copies across file systems
+
 REPO = Path(__file__).resolve().parent.parent
 DIM = 1280
-
-
-def link(src: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dest)
-    except OSError:
-        shutil.copy2(src, dest)
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
